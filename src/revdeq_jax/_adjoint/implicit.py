@@ -1,0 +1,112 @@
+"""Implicit-function-theorem gradients (classic DEQ)."""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+
+from .._custom_types import Args, Fn, Z
+from .._iterate import LoopResult, iterate
+from .._misc import materialise, tree_add
+from .._solver.anderson import Anderson
+from .._solver.base import AbstractSolver
+from .base import AbstractAdjoint
+
+
+class ImplicitAdjoint(AbstractAdjoint):
+    r"""The implicit-function-theorem gradient of classic DEQs.
+
+    Treats the output as the exact fixed point $z^* = f(z^*, x; \theta)$, so for a
+    cotangent $\bar z$ it solves the adjoint fixed-point system
+    $w = \bar z + J_z f(z^*)^\top w$ with `solver` (its own `tol` and `max_steps`) and
+    returns $\bar\theta = \partial_\theta f(z^*)^\top w$, $\bar x = \partial_x f(z^*)^\top w$,
+    and a zero cotangent for `z0`. Memory is constant in the number of steps.
+
+    !!! warning
+
+        This gradient is approximate twice over: the forward iterate is not the exact
+        fixed point, and the backward system is solved to a tolerance. It differs from
+        the gradient of the computation actually performed, which is what
+        [`revdeq_jax.ReversibleAdjoint`][] returns. Prefer that where the solver allows.
+
+    **Arguments:**
+
+    - `solver`: the solver for the backward system (default `Anderson()`).
+    - `tol`: relative-residual tolerance of the backward solve.
+    - `max_steps`: step limit of the backward solve.
+    """
+
+    solver: AbstractSolver = Anderson()
+    tol: float = 1e-6
+    max_steps: int = 30
+
+    def __check_init__(self):
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise ValueError(
+                f"`ImplicitAdjoint(max_steps={self.max_steps!r})` must be an int >= 1."
+            )
+        if self.tol < 0:
+            raise ValueError(f"`ImplicitAdjoint(tol={self.tol})` must be >= 0.")
+
+    def apply(
+        self,
+        primal: Callable[..., LoopResult],
+        fn: Fn,
+        solver: AbstractSolver,
+        z0: Z,
+        args: Args,
+        *,
+        max_steps: int,
+        tol: float,
+    ) -> LoopResult:
+        del primal
+        out = _implicit_solve((fn, args, z0), solver, max_steps, tol, self)
+        return eqx.tree_at(
+            lambda r: r.residual, out, jax.lax.stop_gradient(out.residual)
+        )
+
+
+def _forward(inputs, solver, max_steps, tol) -> LoopResult:
+    fn, args, z0 = inputs
+    out = iterate(fn, solver, z0, args, max_steps=max_steps, tol=tol, kind="lax")
+    return eqx.tree_at(lambda r: r.state, out, None)
+
+
+@eqx.filter_custom_vjp
+def _implicit_solve(inputs, solver, max_steps, tol, adjoint):
+    del adjoint
+    return _forward(inputs, solver, max_steps, tol)
+
+
+@_implicit_solve.def_fwd
+def _implicit_solve_fwd(perturbed, inputs, solver, max_steps, tol, adjoint):
+    del perturbed, adjoint
+    out = _forward(inputs, solver, max_steps, tol)
+    return out, out.value
+
+
+@_implicit_solve.def_bwd
+def _implicit_solve_bwd(
+    z_star, grad_out, perturbed, inputs, solver, max_steps, tol, adjoint
+):
+    del perturbed, solver, max_steps, tol
+    fn, args, z0 = inputs
+    z_bar = materialise(grad_out.value, z0)
+    _, pull_z = jax.vjp(lambda z: fn(z, args), z_star)
+
+    def _adjoint_fn(w, _):
+        (jtw,) = pull_z(w)
+        return tree_add(z_bar, jtw)
+
+    w = iterate(
+        _adjoint_fn,
+        adjoint.solver,
+        z_bar,
+        None,
+        max_steps=adjoint.max_steps,
+        tol=adjoint.tol,
+        kind="lax",
+    ).value
+    _, pull_params = eqx.filter_vjp(lambda f, a: f(z_star, a), fn, args)
+    fn_bar, args_bar = pull_params(w)
+    return fn_bar, args_bar, None

@@ -1,0 +1,116 @@
+"""Small PyTree helpers shared by the solvers and adjoints."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, PyTree
+
+
+def tree_cast(tree: PyTree, dtype: Any) -> PyTree:
+    """Casts every floating leaf of `tree` to `dtype` (`None`: leave unchanged)."""
+    if dtype is None:
+        return tree
+    return jtu.tree_map(lambda x: x.astype(dtype), tree)
+
+
+def tree_cast_like(tree: PyTree, like: PyTree) -> PyTree:
+    """Casts each leaf of `tree` to the dtype of the matching leaf of `like`."""
+    return jtu.tree_map(lambda x, y: x.astype(y.dtype), tree, like)
+
+
+def tree_where(pred: Array, true: PyTree, false: PyTree) -> PyTree:
+    """Leafwise `jnp.where(pred, true, false)` for a scalar predicate."""
+    return jtu.tree_map(lambda t, f: jnp.where(pred, t, f), true, false)
+
+
+def tree_combine_lin(a: float, x: PyTree, b: float, y: PyTree) -> PyTree:
+    """`a * x + b * y`, leafwise, in the dtype of `x`."""
+    return jtu.tree_map(lambda u, v: a * u + b * v.astype(u.dtype), x, y)
+
+
+def tree_sub(x: PyTree, y: PyTree) -> PyTree:
+    return jtu.tree_map(lambda u, v: u - v.astype(u.dtype), x, y)
+
+
+def tree_l2(tree: PyTree) -> Array:
+    """Euclidean norm over all leaves, accumulated in at least float32."""
+    leaves = jtu.tree_leaves(tree)
+    total = jnp.zeros((), jnp.result_type(jnp.float32, *leaves))
+    for leaf in leaves:
+        total = total + jnp.sum(jnp.square(leaf.astype(total.dtype)))
+    return jnp.sqrt(total)
+
+
+def relative_residual(z: PyTree, fz: PyTree) -> Array:
+    r"""$\|f(z) - z\| / \|f(z)\|$ over the whole PyTree (0 when both are 0)."""
+    num = tree_l2(tree_sub(fz, z))
+    den = tree_l2(fz)
+    tiny = jnp.finfo(den.dtype).tiny
+    return num / jnp.maximum(den, tiny)
+
+
+def tree_is_finite(tree: PyTree) -> Array:
+    leaves = jtu.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def zeros_like_inexact(tree: PyTree) -> PyTree:
+    """Zeros for each inexact array leaf, `None` for every other leaf."""
+    return jtu.tree_map(
+        lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else None, tree
+    )
+
+
+def materialise(ct: PyTree | None, like: PyTree) -> PyTree:
+    """Replaces symbolic-zero (`None`) cotangents with zeros shaped like `like`."""
+    if ct is None:
+        return jtu.tree_map(jnp.zeros_like, like)
+    return jtu.tree_map(
+        lambda c, x: jnp.zeros_like(x) if c is None else c,
+        ct,
+        like,
+        is_leaf=lambda c: c is None,
+    )
+
+
+def tree_add_ct(acc: PyTree, new: PyTree) -> PyTree:
+    """Adds cotangent trees that may contain `None` (symbolic zero) leaves."""
+
+    def _add(a, b):
+        if a is None:
+            return b
+        if b is None:
+            return a
+        return a + b.astype(a.dtype)
+
+    return jtu.tree_map(_add, acc, new, is_leaf=lambda x: x is None)
+
+
+def inexact_dtype(tree: PyTree) -> Any:
+    """The common floating dtype of the leaves of `tree`."""
+    leaves = jtu.tree_leaves(tree)
+    return jnp.result_type(*leaves) if leaves else jnp.float32
+
+
+def stop_gradient_inexact(tree: PyTree) -> PyTree:
+    return jtu.tree_map(
+        lambda x: jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x, tree
+    )
+
+
+def tree_scale(a: float, tree: PyTree) -> PyTree:
+    """`a * tree`, leafwise (a Python scalar keeps each leaf's dtype)."""
+    return jtu.tree_map(lambda x: a * x, tree)
+
+
+def tree_div(tree: PyTree, a: float) -> PyTree:
+    """`tree / a`, leafwise, with `a` in each leaf's dtype."""
+    return jtu.tree_map(lambda x: x / jnp.asarray(a, x.dtype), tree)
+
+
+def tree_add(x: PyTree, y: PyTree) -> PyTree:
+    """`x + y`, leafwise, in the dtype of `x`."""
+    return jtu.tree_map(lambda u, v: u + v.astype(u.dtype), x, y)

@@ -1,0 +1,100 @@
+"""Precision of the solver's own state, separate from the precision of `fn`.
+
+The reversible solver's inverse step loses the low bits that its forward step rounded
+away, so the paper keeps the coupled state `(y, z)` and its add/sub/scale arithmetic in
+float64 while `fn` runs in float32 or lower. JAX decides whether 64-bit types exist with
+a global flag; here it is switched on *only* around the solver's own arithmetic, with the
+scoped `jax.enable_x64` context manager, and switched back to the caller's setting every
+time `fn` is called. Nothing global is changed.
+"""
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import PyTree
+
+
+_FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
+
+
+def x64_enabled() -> bool:
+    """Whether 64-bit types are currently enabled (globally or by a scope)."""
+    return bool(jax.config.read("jax_enable_x64"))
+
+
+def check_state_dtype(state_dtype: Any) -> Any:
+    """Normalises `state_dtype` (`None` = the dtype of `z0`) and checks it is a float."""
+    if state_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(state_dtype)
+    except TypeError as e:
+        raise ValueError(
+            f"`state_dtype={state_dtype!r}` is not a dtype. Use `None` (the dtype of "
+            "`z0`), `jnp.float32` or `jnp.float64`."
+        ) from e
+    if dtype not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
+        raise ValueError(
+            f"`state_dtype={dtype}` cannot hold a solver state: it must be a real "
+            "floating dtype (`jnp.float32` or `jnp.float64`)."
+        )
+    return dtype
+
+
+def check_state_dtype_for(state_dtype: Any, z0: PyTree) -> None:
+    """Trace-time checks of a state dtype against the initial state `z0`."""
+    if state_dtype is None:
+        return
+    for leaf in jax.tree_util.tree_leaves(z0):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise ValueError(
+                f"`state_dtype={state_dtype}` was requested but `z0` has a leaf of "
+                f"dtype {leaf.dtype}; mixed precision needs real floating `z0` leaves."
+            )
+        if np.finfo(leaf.dtype).bits > np.finfo(state_dtype).bits:
+            raise ValueError(
+                f"`state_dtype={state_dtype}` is narrower than the dtype {leaf.dtype} of "
+                "`z0`: the solver state would lose precision that `fn` has. Use "
+                "`state_dtype=None` or a wider dtype."
+            )
+    if np.finfo(state_dtype).bits == 64:
+        backend = jax.default_backend()
+        if backend not in ("cpu", "gpu", "cuda", "rocm", "tpu"):
+            raise ValueError(
+                f"`state_dtype=float64` cannot be honoured on the `{backend}` backend, "
+                "which has no 64-bit floats. Use `state_dtype=None`."
+            )
+
+
+@contextlib.contextmanager
+def state_scope(state_dtype: Any) -> Iterator[None]:
+    """Enables 64-bit types for the enclosed code iff the state needs them."""
+    if (
+        state_dtype is not None
+        and np.finfo(state_dtype).bits == 64
+        and not x64_enabled()
+    ):
+        with jax.enable_x64(True):
+            yield
+    else:
+        yield
+
+
+class UserFn(eqx.Module):
+    """Calls the user's `fn` with the caller's x64 setting, whatever scope it runs in.
+
+    Inside the solver's float64 scope, `jnp.zeros(n)` in user code would otherwise
+    silently become float64 and promote the whole layer.
+    """
+
+    fn: Callable
+    x64: bool = eqx.field(static=True)
+
+    def __call__(self, z, args):
+        with jax.enable_x64(self.x64):
+            return self.fn(z, args)

@@ -1,0 +1,81 @@
+"""Broyden's (good) quasi-Newton method on the root problem f(z) - z = 0."""
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import equinox as eqx
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float, Int, PyTree
+
+from .._custom_types import Args, Fn, Z
+from .base import AbstractSolver
+
+
+class BroydenState(eqx.Module):
+    z: PyTree
+    fz: PyTree
+    us: Float[Array, "m n"]
+    vs: Float[Array, "m n"]
+    k: Int[Array, ""]
+    unravel: Callable = eqx.field(static=True)
+
+
+class Broyden(AbstractSolver[BroydenState]):
+    r"""Broyden's method, the original DEQ solver, with a low-rank inverse Jacobian.
+
+    Solves $g(z) = f(z) - z = 0$ with an approximate inverse Jacobian
+    $B = -I + \sum_i u_i v_i^\top$ (starting from $-I$, so the first step is a Picard
+    step), updated by the Sherman-Morrison form of Broyden's "good" update after each
+    step $z \leftarrow z - B g(z)$. Keeps the last `m` rank-one terms (a circular buffer).
+    One evaluation of $f$ per step; no line search. Not reversible.
+
+    The state is flattened into one vector per example, so all leaves of `z0` should
+    share a dtype.
+    """
+
+    m: int = eqx.field(default=8, static=True)
+
+    nfe_per_step: ClassVar[int] = 1
+
+    def __check_init__(self):
+        if self.m < 1:
+            raise ValueError(f"`Broyden(m={self.m})`: the memory `m` must be >= 1.")
+
+    def init(self, fn: Fn, z0: Z, args: Args) -> BroydenState:
+        fz = fn(z0, args)
+        x, unravel = ravel_pytree(z0)
+        us = jnp.zeros((self.m, x.size), x.dtype)
+        return BroydenState(z0, fz, us, us, jnp.zeros((), jnp.int32), unravel)
+
+    def step(self, fn: Fn, state: BroydenState, args: Args) -> BroydenState:
+        x, _ = ravel_pytree(state.z)
+        f, _ = ravel_pytree(state.fz)
+        us, vs = state.us, state.vs
+        g = f - x
+
+        def inv_jac(v):  # B v
+            return -v + us.T @ (vs @ v)
+
+        dx = -inv_jac(g)
+        x_new = x + dx
+        z = state.unravel(x_new)
+        fz = fn(z, args)
+        g_new = ravel_pytree(fz)[0] - x_new
+        dg = g_new - g
+        b_dg = inv_jac(dg)
+        vt = -dx + vs.T @ (us @ dx)  # dx^T B
+        denom = vt @ dg
+        ok = jnp.abs(denom) > jnp.finfo(x.dtype).eps * jnp.maximum(
+            jnp.linalg.norm(vt) * jnp.linalg.norm(dg), jnp.finfo(x.dtype).tiny
+        )
+        safe = jnp.where(ok, denom, 1)
+        u = jnp.where(ok, (dx - b_dg) / safe, 0)
+        v = jnp.where(ok, vt, 0)
+        slot = state.k % self.m
+        return BroydenState(
+            z, fz, us.at[slot].set(u), vs.at[slot].set(v), state.k + 1, state.unravel
+        )
+
+    def current(self, state: BroydenState) -> tuple[Z, Z]:
+        return state.z, state.fz

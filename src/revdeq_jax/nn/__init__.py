@@ -1,0 +1,3 @@
+"""Equinox building blocks for deep equilibrium models."""
+
+from ._deq import DEQ as DEQ

@@ -1,0 +1,81 @@
+"""`DEQ`: an equilibrium layer as an Equinox module."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+
+from .._adjoint.base import AbstractAdjoint
+from .._adjoint.reversible import ReversibleAdjoint
+from .._fixed_point import check_options, fixed_point
+from .._solution import Solution
+from .._solver.base import AbstractSolver
+from .._solver.reversible import Reversible
+
+
+class DEQ(eqx.Module):
+    r"""A deep equilibrium layer: returns the fixed point $z^* = \text{layer}(z^*, x)$.
+
+    Holds the equilibrium `layer` (any callable `layer(z, x) -> z`, usually an
+    `eqx.Module` whose arrays are trained) and the strategy objects that solve and
+    differentiate it. Compose it inside any model; like `eqx.nn.Linear` it acts on a single
+    example, so `jax.vmap` it over a batch (each example then stops on its own residual).
+
+    ```python
+    deq = rdeq.DEQ(layer, solver=rdeq.Reversible(beta=0.5), max_steps=4, tol=1e-3)
+    z = deq(x)                               # z0 = zeros_like(x)
+    z, sol = deq(x, return_solution=True)    # sol.num_steps, sol.residual, sol.nfe
+    ```
+
+    **Arguments:**
+
+    - `layer`: the equilibrium function, called as `layer(z, x)`.
+    - `solver`: forward solver (default `Reversible(beta=0.5)`).
+    - `adjoint`: gradient strategy (default `ReversibleAdjoint()`).
+    - `max_steps`: solver step budget.
+    - `tol`: relative-residual tolerance (`0`: always take `max_steps` steps).
+    - `throw`: raise at run time on non-finite values.
+    """
+
+    layer: Callable
+    solver: AbstractSolver = Reversible(beta=0.5)
+    adjoint: AbstractAdjoint = ReversibleAdjoint()
+    max_steps: int = eqx.field(default=8, static=True)
+    tol: float = eqx.field(default=1e-3, static=True)
+    throw: bool = eqx.field(default=False, static=True)
+
+    def __check_init__(self):
+        check_options(self.solver, self.adjoint, self.max_steps, self.tol)
+        self.adjoint.check(self.solver)
+
+    def __call__(
+        self, x: Any, z0: Any = None, *, return_solution: bool = False
+    ) -> Any | tuple[Any, Solution]:
+        """**Arguments:**
+
+        - `x`: the input injection, passed to `layer` as its second argument (any PyTree).
+        - `z0`: initial state; defaults to `jnp.zeros_like(x)` when `x` is an array.
+        - `return_solution`: also return the [`revdeq_jax.Solution`][] (solver
+          statistics).
+
+        **Returns:** the fixed point, or `(fixed_point, solution)`.
+        """
+        if z0 is None:
+            if not eqx.is_array(x):
+                raise ValueError(
+                    "`DEQ` needs `z0` when `x` is not a single array: call it as "
+                    "`deq(x, z0)` with an initial state shaped like the layer's output."
+                )
+            z0 = jnp.zeros_like(x)
+        sol = fixed_point(
+            self.layer,
+            z0,
+            x,
+            solver=self.solver,
+            adjoint=self.adjoint,
+            max_steps=self.max_steps,
+            tol=self.tol,
+            throw=self.throw,
+        )
+        return (sol.value, sol) if return_solution else sol.value
