@@ -7,7 +7,8 @@ forward step itself.
 Reversal amplifies rounding by about 1/|1-beta| times the Jacobian's growth per step, so
 exactness holds to a depth that depends on the block and beta. The depths below are
 where it holds (measured), not tolerances tuned to pass; `test_breakdown.py` documents
-what happens beyond them.
+what happens beyond them. The default run covers every block and every beta; the rest of
+the matrix is marked slow (`make test-slow`): each case is a fresh XLA compilation.
 """
 
 import equinox as eqx
@@ -37,15 +38,16 @@ def _grads(block, x, z0, solver, adjoint, steps, tol=0.0):
 
 # (block, beta, steps) where reversal is exact for these blocks in float64 (measured:
 # the attention/conv blocks lose exactness past ~4 steps at beta=0.8, see test_breakdown).
+slow = pytest.mark.slow
 F64_CASES = [
     ("mlp", 0.5, 8),
     ("mlp", 0.8, 8),
     ("mlp", 1.2, 8),
-    ("attention", 0.5, 8),
+    pytest.param("attention", 0.5, 8, marks=slow),
     ("attention", 0.8, 4),
-    ("attention", 1.2, 4),
+    pytest.param("attention", 1.2, 4, marks=slow),
     ("conv", 0.5, 8),
-    ("conv", 0.8, 4),
+    pytest.param("conv", 0.8, 4, marks=slow),
     ("conv", 1.2, 4),
 ]
 
@@ -68,13 +70,13 @@ def test_float64_exact(name, beta, steps, x64, getkey):
 # back changes what `fn` sees: the conv block at beta in {0.8, 1.2} shows this from ~4
 # steps (tracked in the precision work, issue 5), so it is tested at 2 steps here.
 MIXED_CASES = [
-    ("mlp", 0.5, 16),
+    pytest.param("mlp", 0.5, 16, marks=slow),
     ("mlp", 0.8, 8),
-    ("mlp", 1.2, 8),
+    pytest.param("mlp", 1.2, 8, marks=slow),
     ("attention", 0.5, 16),
-    ("attention", 0.8, 8),
+    pytest.param("attention", 0.8, 8, marks=slow),
     ("attention", 1.2, 8),
-    ("conv", 0.5, 16),
+    pytest.param("conv", 0.5, 16, marks=slow),
     ("conv", 0.8, 2),
 ]
 

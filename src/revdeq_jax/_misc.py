@@ -36,12 +36,22 @@ def tree_sub(x: PyTree, y: PyTree) -> PyTree:
 
 
 def tree_l2(tree: PyTree) -> Array:
-    """Euclidean norm over all leaves, accumulated in at least float32."""
+    """Euclidean norm over all leaves, accumulated in at least float32.
+
+    Scaled by the largest magnitude first, so that large (diverging) iterates give a
+    large norm rather than an overflow to inf and then NaN ratios.
+    """
     leaves = jtu.tree_leaves(tree)
-    total = jnp.zeros((), jnp.result_type(jnp.float32, *leaves))
+    dtype = jnp.result_type(jnp.float32, *leaves)
+    leaves = [x.astype(dtype) for x in leaves]
+    scale = jnp.zeros((), dtype)
     for leaf in leaves:
-        total = total + jnp.sum(jnp.square(leaf.astype(total.dtype)))
-    return jnp.sqrt(total)
+        scale = jnp.maximum(scale, jnp.max(jnp.abs(leaf)))
+    safe = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1)
+    total = jnp.zeros((), dtype)
+    for leaf in leaves:
+        total = total + jnp.sum(jnp.square(leaf / safe))
+    return jnp.where(jnp.isfinite(scale), jnp.sqrt(total) * safe, scale)
 
 
 def relative_residual(z: PyTree, fz: PyTree) -> Array:

@@ -15,7 +15,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import PyTree
 
 
@@ -56,13 +55,13 @@ def check_state_dtype_for(state_dtype: Any, z0: PyTree) -> None:
                 f"`state_dtype={state_dtype}` was requested but `z0` has a leaf of "
                 f"dtype {leaf.dtype}; mixed precision needs real floating `z0` leaves."
             )
-        if np.finfo(leaf.dtype).bits > np.finfo(state_dtype).bits:
+        if jnp.finfo(leaf.dtype).bits > jnp.finfo(state_dtype).bits:
             raise ValueError(
                 f"`state_dtype={state_dtype}` is narrower than the dtype {leaf.dtype} of "
                 "`z0`: the solver state would lose precision that `fn` has. Use "
                 "`state_dtype=None` or a wider dtype."
             )
-    if np.finfo(state_dtype).bits == 64:
+    if jnp.finfo(state_dtype).bits == 64:
         backend = jax.default_backend()
         if backend not in ("cpu", "gpu", "cuda", "rocm", "tpu"):
             raise ValueError(
@@ -76,7 +75,7 @@ def state_scope(state_dtype: Any) -> Iterator[None]:
     """Enables 64-bit types for the enclosed code iff the state needs them."""
     if (
         state_dtype is not None
-        and np.finfo(state_dtype).bits == 64
+        and jnp.finfo(state_dtype).bits == 64
         and not x64_enabled()
     ):
         with jax.enable_x64(True):

@@ -11,7 +11,6 @@ from .._iterate import LoopResult, iterate
 from .._misc import (
     materialise,
     tree_add,
-    tree_add_ct,
     tree_cast_like,
     zeros_like_inexact,
 )
@@ -128,16 +127,14 @@ def reverse_loop(solver, fn, args, z0, y_n, z_n, num_steps, value_bar):
             return carry[0] > 0
 
         def _body(carry):
-            n, y, z, y_bar, z_bar, fn_bar, args_bar = carry
-            y, z, y_bar, z_bar, (fn_step, args_step) = solver.backward_step(
-                fn, args, y, z, y_bar, z_bar, z0
+            n, y, z, y_bar, z_bar, params_bar = carry
+            y, z, y_bar, z_bar, params_bar = solver.backward_step(
+                fn, args, y, z, y_bar, z_bar, params_bar, z0
             )
-            fn_bar = tree_add_ct(fn_bar, fn_step)
-            args_bar = tree_add_ct(args_bar, args_step)
-            return n - 1, y, z, y_bar, z_bar, fn_bar, args_bar
+            return n - 1, y, z, y_bar, z_bar, params_bar
 
-        init = (num_steps, y_n, z_n, y_bar, z_bar, fn_bar, args_bar)
-        _, y_0, z_0, y_bar, z_bar, fn_bar, args_bar = jax.lax.while_loop(
+        init = (num_steps, y_n, z_n, y_bar, z_bar, (fn_bar, args_bar))
+        _, y_0, z_0, y_bar, z_bar, (fn_bar, args_bar) = jax.lax.while_loop(
             _cond, _body, init
         )
         # y_0 = z_0 = z0, so both cotangents flow into the initial guess.

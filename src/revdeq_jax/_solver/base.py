@@ -79,11 +79,13 @@ class AbstractReversibleSolver(AbstractSolver[SolverState]):
         z: PyTree,
         y_bar: PyTree,
         z_bar: PyTree,
+        params_bar: tuple[PyTree, PyTree],
         z_like: PyTree,
     ) -> tuple[PyTree, PyTree, PyTree, PyTree, tuple[PyTree, PyTree]]:
         """Inverts one step and pulls the cotangents back through it.
 
-        **Returns:** `(y_prev, z_prev, y_bar_prev, z_bar_prev, (fn_bar, args_bar))`, where
-        the last pair is this step's contribution to the cotangents of `fn` (its
-        closed-over arrays) and of `args`.
+        `params_bar = (fn_bar, args_bar)` accumulates the cotangents of `fn` (its
+        closed-over arrays) and of `args`; `z_like` gives the dtypes `fn` works in.
+
+        **Returns:** `(y_prev, z_prev, y_bar_prev, z_bar_prev, params_bar)`.
         """

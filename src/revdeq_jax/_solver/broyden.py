@@ -9,12 +9,16 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int, PyTree
 
 from .._custom_types import Args, Fn, Z
+from .._misc import relative_residual, tree_where
 from .base import AbstractSolver
 
 
 class BroydenState(eqx.Module):
-    z: PyTree
+    z: PyTree  # the best iterate so far (lowest residual): what the solver returns
     fz: PyTree
+    best_res: Float[Array, ""]
+    x: Float[Array, " n"]  # the current iterate, flattened, and f - x there
+    g: Float[Array, " n"]
     us: Float[Array, "m n"]
     vs: Float[Array, "m n"]
     k: Int[Array, ""]
@@ -29,6 +33,10 @@ class Broyden(AbstractSolver[BroydenState]):
     step), updated by the Sherman-Morrison form of Broyden's "good" update after each
     step $z \leftarrow z - B g(z)$. Keeps the last `m` rank-one terms (a circular buffer).
     One evaluation of $f$ per step; no line search. Not reversible.
+
+    Like the DEQ reference implementation it returns the iterate with the lowest relative
+    residual seen so far: near the precision floor Broyden updates are made of noise and
+    the iteration can wander off.
 
     The state is flattened into one vector per example, so all leaves of `z0` should
     share a dtype.
@@ -45,14 +53,14 @@ class Broyden(AbstractSolver[BroydenState]):
     def init(self, fn: Fn, z0: Z, args: Args) -> BroydenState:
         fz = fn(z0, args)
         x, unravel = ravel_pytree(z0)
+        g = ravel_pytree(fz)[0] - x
         us = jnp.zeros((self.m, x.size), x.dtype)
-        return BroydenState(z0, fz, us, us, jnp.zeros((), jnp.int32), unravel)
+        res = relative_residual(z0, fz)
+        return BroydenState(z0, fz, res, x, g, us, us, jnp.zeros((), jnp.int32), unravel)
 
     def step(self, fn: Fn, state: BroydenState, args: Args) -> BroydenState:
-        x, _ = ravel_pytree(state.z)
-        f, _ = ravel_pytree(state.fz)
+        x, g = state.x, state.g
         us, vs = state.us, state.vs
-        g = f - x
 
         def inv_jac(v):  # B v
             return -v + us.T @ (vs @ v)
@@ -66,15 +74,25 @@ class Broyden(AbstractSolver[BroydenState]):
         b_dg = inv_jac(dg)
         vt = -dx + vs.T @ (us @ dx)  # dx^T B
         denom = vt @ dg
-        ok = jnp.abs(denom) > jnp.finfo(x.dtype).eps * jnp.maximum(
+        ok = jnp.abs(denom) > jnp.sqrt(jnp.finfo(x.dtype).eps) * jnp.maximum(
             jnp.linalg.norm(vt) * jnp.linalg.norm(dg), jnp.finfo(x.dtype).tiny
         )
         safe = jnp.where(ok, denom, 1)
         u = jnp.where(ok, (dx - b_dg) / safe, 0)
         v = jnp.where(ok, vt, 0)
         slot = state.k % self.m
+        res = relative_residual(z, fz)
+        better = res < state.best_res
         return BroydenState(
-            z, fz, us.at[slot].set(u), vs.at[slot].set(v), state.k + 1, state.unravel
+            tree_where(better, z, state.z),
+            tree_where(better, fz, state.fz),
+            jnp.where(better, res, state.best_res),
+            x_new,
+            g_new,
+            us.at[slot].set(u),
+            vs.at[slot].set(v),
+            state.k + 1,
+            state.unravel,
         )
 
     def current(self, state: BroydenState) -> tuple[Z, Z]:

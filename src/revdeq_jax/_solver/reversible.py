@@ -126,6 +126,7 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
         z: PyTree,
         y_bar: PyTree,
         z_bar: PyTree,
+        params_bar: tuple[PyTree, PyTree],
         z_like: PyTree,
     ) -> tuple[PyTree, PyTree, PyTree, PyTree, tuple[PyTree, PyTree]]:
         b = self.beta
@@ -133,24 +134,20 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
         # reconstruction of z_n and the pullback for the cotangents.
         fy, pull_y = eqx.filter_vjp(_call, tree_cast_like(y, z_like), fn, args)
         z_prev = self._invert(z, fy)
-        y_in_bar, fn_bar_1, args_bar_1 = pull_y(
-            tree_cast_like(tree_scale(b, z_bar), z_like)
-        )
+        y_in_bar, *step_bar = pull_y(tree_cast_like(tree_scale(b, z_bar), z_like))
+        # Accumulate each evaluation's cotangent as it arrives, in the order reverse-mode
+        # autodiff would: this matters for low-precision (bfloat16) parameters.
+        params_bar = tree_add_ct(params_bar, tuple(step_bar))
         y_bar = tree_add(y_bar, y_in_bar)
         z_bar_prev = tree_scale(1 - b, z_bar)
         # y_{n+1} = (1-b) y_n + b f(z_n).
         fz, pull_z = eqx.filter_vjp(_call, tree_cast_like(z_prev, z_like), fn, args)
         y_prev = self._invert(y, fz)
-        z_in_bar, fn_bar_2, args_bar_2 = pull_z(
-            tree_cast_like(tree_scale(b, y_bar), z_like)
-        )
+        z_in_bar, *step_bar = pull_z(tree_cast_like(tree_scale(b, y_bar), z_like))
+        params_bar = tree_add_ct(params_bar, tuple(step_bar))
         z_bar_prev = tree_add(z_bar_prev, z_in_bar)
         y_bar_prev = tree_scale(1 - b, y_bar)
-        grads = (
-            tree_add_ct(fn_bar_1, fn_bar_2),
-            tree_add_ct(args_bar_1, args_bar_2),
-        )
-        return y_prev, z_prev, y_bar_prev, z_bar_prev, grads
+        return y_prev, z_prev, y_bar_prev, z_bar_prev, params_bar
 
 
 def _call(z, fn, args):
