@@ -1,0 +1,69 @@
+# revdeq_jax: every target installs what it needs into .venv on first use.
+#   make test            fast test suite (what CI runs)
+#   make train-wikitext  the main job: RevDEQ transformer LM on WikiText
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+CONFIG  ?= small
+DATA_DIR ?=
+RUNS    ?= runs
+DATA_FLAG := $(if $(DATA_DIR),--data-dir=$(DATA_DIR),)
+
+.PHONY: help install test test-slow test-all lint format bench smoke \
+        train-wikitext eval-wikitext compare-wikitext train-cifar eval-cifar compare-cifar clean
+
+help:
+	@grep -E '^#   make' Makefile | sed 's/^#   //'
+	@echo "Targets: install test test-slow test-all lint format bench smoke"
+	@echo "         train-wikitext eval-wikitext compare-wikitext train-cifar eval-cifar compare-cifar"
+	@echo "Variables: CONFIG=$(CONFIG) DATA_DIR=<dir> RUNS=$(RUNS)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev,experiments]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests experiments benchmarks
+	$(PY) -m ruff format --check src tests experiments benchmarks
+
+format: $(STAMP)
+	$(PY) -m ruff format src tests experiments benchmarks
+	$(PY) -m ruff check --fix src tests experiments benchmarks
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.adjoints --out benchmarks/results
+
+train-wikitext: $(STAMP)
+	$(PY) -m experiments.language.train --config=$(CONFIG) $(DATA_FLAG) --workdir=$(RUNS)/wikitext-$(CONFIG)
+
+eval-wikitext: $(STAMP)
+	$(PY) -m experiments.language.evaluate --workdir=$(RUNS)/wikitext-$(CONFIG) $(DATA_FLAG)
+
+compare-wikitext: $(STAMP)
+	$(PY) -m experiments.language.compare $(DATA_FLAG)
+
+train-cifar: $(STAMP)
+	$(PY) -m experiments.vision.train --config=$(CONFIG) $(DATA_FLAG) --workdir=$(RUNS)/cifar-$(CONFIG)
+
+eval-cifar: $(STAMP)
+	$(PY) -m experiments.vision.evaluate --workdir=$(RUNS)/cifar-$(CONFIG) $(DATA_FLAG)
+
+compare-cifar: $(STAMP)
+	$(PY) -m experiments.vision.compare $(DATA_FLAG)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
