@@ -1,0 +1,33 @@
+"""Documents where exactness ends, and that `reconstruction_error` tells.
+
+Reversal amplifies rounding by about 1/|1-beta| times the Jacobian's growth per step. On
+the attention block at beta = 0.8 in float64 the reversible gradient is exact to ~1e-12 at
+4 steps and wrong at 16 (measured: relative error ~1, reconstruction error ~1e2). This test
+keeps that breakdown visible instead of hiding it behind a loose tolerance, and checks
+that the reconstruction error, which a user can compute, is large exactly when the
+gradient error is.
+"""
+
+import jax
+import jax.numpy as jnp
+
+import revdeq_jax as rdeq
+
+from .helpers import make_block, tree_rel_error
+from .test_exactness import _grads
+
+
+def test_reconstruction_error_flags_gradient_error(x64, getkey):
+    block, x = make_block("attention", key=getkey(), dtype=jnp.float64)
+    z0 = jnp.zeros_like(x)
+    solver = rdeq.Reversible(0.8)
+    rows = {}
+    for steps in [4, 16]:
+        g_rev, _ = _grads(block, x, z0, solver, rdeq.ReversibleAdjoint(), steps)
+        g_ref, _ = _grads(block, x, z0, solver, rdeq.UnrolledAdjoint(), steps)
+        rec = rdeq.reconstruction_error(block, z0, x, solver=solver, max_steps=steps, tol=0.0)
+        rows[steps] = (tree_rel_error(g_rev, g_ref), float(rec["rel"]))
+    (grad4, rec4), (grad16, rec16) = rows[4], rows[16]
+    assert grad4 < 1e-10 and rec4 < 1e-8, rows  # exact where the reconstruction is
+    assert grad16 > 1e-3 and rec16 > 1e-2, rows  # broken, and the reconstruction says so
+    assert rec16 > 1e6 * rec4 and grad16 > 1e6 * grad4, rows
