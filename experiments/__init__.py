@@ -1,0 +1,1 @@
+"""Experiments reproducing the RevDEQ paper (shared code: `experiments.common`)."""
