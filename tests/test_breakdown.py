@@ -31,3 +31,20 @@ def test_reconstruction_error_flags_gradient_error(x64, getkey):
     assert grad4 < 1e-10 and rec4 < 1e-8, rows  # exact where the reconstruction is
     assert grad16 > 1e-3 and rec16 > 1e-2, rows  # broken, and the reconstruction says so
     assert rec16 > 1e6 * rec4 and grad16 > 1e6 * grad4, rows
+
+
+def test_report_hook_gives_reconstruction_error_from_backward_pass(x64, getkey):
+    block, x = make_block("attention", key=getkey(), dtype=jnp.float64)
+    z0 = jnp.zeros_like(x)
+    solver = rdeq.Reversible(0.8)
+    reports = []
+    adjoint = rdeq.ReversibleAdjoint(report=lambda d: reports.append({k: float(v) for k, v in d.items()}))
+    for steps in [16]:
+        loss = lambda x: jnp.sum(rdeq.fixed_point(block, z0, x, solver=solver, adjoint=adjoint, max_steps=steps, tol=0.0).value)
+        jax.block_until_ready(jax.jit(jax.grad(loss))(x))
+        rec = rdeq.reconstruction_error(block, z0, x, solver=solver, max_steps=steps, tol=0.0)
+        # Same reconstruction, but the backward pass takes f's values from `vjp`, which
+        # XLA may round differently from a plain call in the last bits.
+        assert 0.5 <= reports[-1]["abs"] / float(rec["abs"]) <= 2.0
+    assert len(reports) == 1
+    assert reports[0]["rel"] > 1e-2  # the broken case of the test above is flagged

@@ -9,7 +9,7 @@ import jax.tree_util as jtu
 from jaxtyping import PyTree
 
 from ._adjoint.base import AbstractAdjoint
-from ._adjoint.reversible import ReversibleAdjoint
+from ._adjoint.reversible import ReversibleAdjoint, initial_state_deviation
 from ._custom_types import Args, Fn, Z
 from ._iterate import iterate
 from ._precision import UserFn, check_state_dtype_for, state_scope, x64_enabled
@@ -179,11 +179,4 @@ def reconstruction_error(
             return n - 1, y, z
 
         _, y, z = jax.lax.while_loop(lambda c: c[0] > 0, _body, (out.num_steps, y, z))
-        err = jnp.zeros((), jnp.float32)
-        scale = jnp.ones((), jnp.float32)
-        for a, b, c in zip(jtu.tree_leaves(y), jtu.tree_leaves(z), jtu.tree_leaves(z0)):
-            c = c.astype(a.dtype)
-            dev = jnp.maximum(jnp.max(jnp.abs(a - c)), jnp.max(jnp.abs(b - c)))
-            err = jnp.maximum(err, dev.astype(jnp.float32))
-            scale = jnp.maximum(scale, jnp.max(jnp.abs(c)).astype(jnp.float32))
-        return {"abs": err, "rel": err / scale, "num_steps": out.num_steps}
+        return {**initial_state_deviation(y, z, z0), "num_steps": out.num_steps}
