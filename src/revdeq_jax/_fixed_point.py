@@ -179,4 +179,4 @@ def reconstruction_error(
             return n - 1, y, z
 
         _, y, z = jax.lax.while_loop(lambda c: c[0] > 0, _body, (out.num_steps, y, z))
-        return {**initial_state_deviation(y, z, z0), "num_steps": out.num_steps}
+        return {**initial_state_deviation(solver, y, z, z0), "num_steps": out.num_steps}

@@ -26,16 +26,26 @@ def x64_enabled() -> bool:
     return bool(jax.config.read("jax_enable_x64"))
 
 
+TWO_FLOAT = "float32x2"
+
+
+def is_two_float(state_dtype: Any) -> bool:
+    return isinstance(state_dtype, str) and state_dtype == TWO_FLOAT
+
+
 def check_state_dtype(state_dtype: Any) -> Any:
-    """Normalises `state_dtype` (`None` = the dtype of `z0`) and checks it is a float."""
-    if state_dtype is None:
-        return None
+    """Normalises `state_dtype` (`None` = the dtype of `z0`) and checks it is a float.
+
+    Besides a floating dtype, the string `"float32x2"` selects a two-float state.
+    """
+    if state_dtype is None or is_two_float(state_dtype):
+        return state_dtype
     try:
         dtype = jnp.dtype(state_dtype)
     except TypeError as e:
         raise ValueError(
             f"`state_dtype={state_dtype!r}` is not a dtype. Use `None` (the dtype of "
-            "`z0`), `jnp.float32` or `jnp.float64`."
+            "`z0`), `jnp.float32`, `jnp.float64` or `\"float32x2\"` (two-float)."
         ) from e
     if dtype not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
         raise ValueError(
@@ -49,24 +59,26 @@ def check_state_dtype_for(state_dtype: Any, z0: PyTree) -> None:
     """Trace-time checks of a state dtype against the initial state `z0`."""
     if state_dtype is None:
         return
+    bits = 48 if is_two_float(state_dtype) else jnp.finfo(state_dtype).bits
     for leaf in jax.tree_util.tree_leaves(z0):
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             raise ValueError(
                 f"`state_dtype={state_dtype}` was requested but `z0` has a leaf of "
                 f"dtype {leaf.dtype}; mixed precision needs real floating `z0` leaves."
             )
-        if jnp.finfo(leaf.dtype).bits > jnp.finfo(state_dtype).bits:
+        if jnp.finfo(leaf.dtype).bits > bits:
             raise ValueError(
                 f"`state_dtype={state_dtype}` is narrower than the dtype {leaf.dtype} of "
                 "`z0`: the solver state would lose precision that `fn` has. Use "
                 "`state_dtype=None` or a wider dtype."
             )
-    if jnp.finfo(state_dtype).bits == 64:
+    if bits == 64:
         backend = jax.default_backend()
         if backend not in ("cpu", "gpu", "cuda", "rocm", "tpu"):
             raise ValueError(
                 f"`state_dtype=float64` cannot be honoured on the `{backend}` backend, "
-                "which has no 64-bit floats. Use `state_dtype=None`."
+                "which has no 64-bit floats. Use `state_dtype=\"float32x2\"` (two-float "
+                "arithmetic in float32 pairs, ~48 bits) instead."
             )
 
 
@@ -75,6 +87,7 @@ def state_scope(state_dtype: Any) -> Iterator[None]:
     """Enables 64-bit types for the enclosed code iff the state needs them."""
     if (
         state_dtype is not None
+        and not is_two_float(state_dtype)
         and jnp.finfo(state_dtype).bits == 64
         and not x64_enabled()
     ):

@@ -128,18 +128,19 @@ def _reversible_solve_bwd(
     )
     if report is not None:
         with state_scope(solver.state_dtype):
-            deviation = initial_state_deviation(y_0, z_0, z0)
+            deviation = initial_state_deviation(solver, y_0, z_0, z0)
         jax.debug.callback(report, deviation)
     return fn_bar, args_bar, z0_bar
 
 
-def initial_state_deviation(y_0, z_0, z0) -> dict[str, Array]:
+def initial_state_deviation(solver, y_0, z_0, z0) -> dict[str, Array]:
     """How far a reconstructed `(y_0, z_0)` lies from the true initial state `z0`."""
     err = jnp.zeros((), jnp.float32)
     scale = jnp.ones((), jnp.float32)
-    for a, b, c in zip(jtu.tree_leaves(y_0), jtu.tree_leaves(z_0), jtu.tree_leaves(z0)):
-        c = c.astype(a.dtype)
-        dev = jnp.maximum(jnp.max(jnp.abs(a - c)), jnp.max(jnp.abs(b - c)))
+    dy = jtu.tree_leaves(solver.deviation(y_0, z0))
+    dz = jtu.tree_leaves(solver.deviation(z_0, z0))
+    for a, b, c in zip(dy, dz, jtu.tree_leaves(z0)):
+        dev = jnp.maximum(jnp.max(jnp.abs(a)), jnp.max(jnp.abs(b)))
         err = jnp.maximum(err, dev.astype(jnp.float32))
         scale = jnp.maximum(scale, jnp.max(jnp.abs(c)).astype(jnp.float32))
     return {"abs": err, "rel": err / scale}
@@ -152,8 +153,7 @@ def reverse_loop(solver, fn, args, z0, y_n, z_n, num_steps, value_bar):
     (cast to its dtype) and the accumulated cotangents of `fn` and `args`.
     """
     with state_scope(solver.state_dtype):
-        z_bar = tree_cast_like(value_bar, z_n)
-        y_bar = jax.tree_util.tree_map(jnp.zeros_like, y_n)
+        y_bar, z_bar = solver.init_cotangents(value_bar, y_n)
         fn_bar = zeros_like_inexact(fn)
         args_bar = zeros_like_inexact(args)
 

@@ -65,6 +65,15 @@ class AbstractReversibleSolver(AbstractSolver[SolverState]):
         """The coupled state `(y, z)`, in the solver's state dtype."""
 
     @abc.abstractmethod
+    def init_cotangents(self, value_bar: PyTree, y: PyTree) -> tuple[PyTree, PyTree]:
+        """Cotangent accumulators `(y_bar, z_bar)` at the end of the loop, from the
+        cotangent `value_bar` of the output."""
+
+    @abc.abstractmethod
+    def deviation(self, state_part: PyTree, z0: PyTree) -> PyTree:
+        """`state_part - z0`, leafwise, as plain arrays (for reconstruction errors)."""
+
+    @abc.abstractmethod
     def reverse_step(
         self, fn: Fn, args: Args, y: PyTree, z: PyTree, z_like: PyTree
     ) -> tuple[PyTree, PyTree]:
