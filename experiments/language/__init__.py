@@ -1,0 +1,1 @@
+"""Language modelling on WikiText with a RevDEQ transformer (issue 3)."""

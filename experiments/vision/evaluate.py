@@ -1,0 +1,143 @@
+"""Evaluate a trained CIFAR-10 run on the test split.
+
+    python -m experiments.vision.evaluate --workdir=runs/vision/small
+    python -m experiments.vision.evaluate --workdir=runs/vision/small --checkpoint=best --test-size=0
+    python -m experiments.vision.evaluate --workdir=runs/vision/small --max-steps=8   # more solver steps
+
+Rebuilds the model from the checkpoint's header (its config), loads the weights and BatchNorm
+statistics, and reports test loss, accuracy and mean NFE with BatchNorm in inference mode.
+The result is printed and written to `<workdir>/eval_<checkpoint>.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.random as jr
+
+import revdeq_jax as rdeq
+from experiments.common.checkpoint import (
+    CheckpointManager,
+    load_checkpoint,
+    read_header,
+)
+from experiments.common.config import config_from_dict, parse_config
+
+from . import data as vdata
+from .configs import Config
+from .train import evaluate_model, init_state
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    workdir: str = ""  # run folder written by experiments.vision.train (required)
+    checkpoint: str = "latest"  # latest or best
+    data_dir: str = ""  # "" = the run's own data source
+    test_size: int = -1  # -1 = as in the run's config; 0 = the whole test split
+    max_steps: int = 0  # > 0: override every DEQ block's solver step budget
+    batch_size: int = 0  # 0 = the run's eval_batch_size
+
+
+def load_run(
+    workdir: str | pathlib.Path, checkpoint: str = "latest"
+) -> tuple[Config, Any, dict]:
+    """`(config, state, header)` of a run's `latest.eqx`/`best.eqx`."""
+    manager = CheckpointManager(workdir)
+    path = {"latest": manager.latest_path, "best": manager.best_path}[checkpoint]()
+    if path is None:
+        raise FileNotFoundError(
+            f"no {checkpoint}.eqx in {workdir}: train first with "
+            f"`python -m experiments.vision.train --workdir={workdir}`."
+        )
+    header = read_header(path)
+    config = config_from_dict(Config, header["config"])
+    # Only the structure matters for the skeleton; its step count fixes the optimiser layout.
+    skeleton, _, _ = init_state(config, max(1, int(header.get("step", 1))), jr.key(0))
+    state, header = load_checkpoint(path, skeleton)
+    return config, state, header
+
+
+def _with_max_steps(model: Any, max_steps: int) -> Any:
+    """Replace the step budget of every `revdeq_jax.DEQ` inside `model`."""
+    is_deq = lambda m: isinstance(m, rdeq.DEQ)
+
+    def _deqs(m):
+        return [d for d in jax.tree.leaves(m, is_leaf=is_deq) if is_deq(d)]
+
+    deqs = _deqs(model)
+    if not deqs:
+        raise ValueError("`max_steps` given, but this model has no DEQ blocks.")
+    return eqx.tree_at(
+        _deqs, model, [dataclasses.replace(d, max_steps=max_steps) for d in deqs]
+    )
+
+
+def evaluate_workdir(
+    workdir: str | pathlib.Path,
+    *,
+    checkpoint: str = "latest",
+    dataset: vdata.CIFAR10 | None = None,
+    data_dir: str = "",
+    test_size: int = -1,
+    max_steps: int = 0,
+    batch_size: int = 0,
+) -> dict[str, Any]:
+    config, state, header = load_run(workdir, checkpoint)
+    if dataset is None:
+        source = data_dir or header.get("data") or config.data_dir
+        dataset = vdata.load_cifar10(source or None, download=config.download)
+    n_test = config.test_size if test_size < 0 else test_size
+    dataset = dataset.take(None, n_test or None)
+    model = state.model if max_steps <= 0 else _with_max_steps(state.model, max_steps)
+    result = evaluate_model(
+        model,
+        state.model_state,
+        dataset.x_test,
+        dataset.y_test,
+        batch_size or config.eval_batch_size,
+    )
+    result.update(
+        step=int(header.get("step", 0)),
+        checkpoint=checkpoint,
+        test_images=len(dataset.x_test),
+        params=header.get("params"),
+        max_steps=max_steps or None,
+    )
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, _ = parse_config({"default": EvalConfig()}, argv, default="default")
+    if not cfg.workdir:
+        raise SystemExit(
+            "--workdir=RUN_FOLDER is required (a folder written by the train script)"
+        )
+    result = evaluate_workdir(
+        cfg.workdir,
+        checkpoint=cfg.checkpoint,
+        data_dir=cfg.data_dir,
+        test_size=cfg.test_size,
+        max_steps=cfg.max_steps,
+        batch_size=cfg.batch_size,
+    )
+    out = pathlib.Path(cfg.workdir) / f"eval_{cfg.checkpoint}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"{cfg.workdir} ({cfg.checkpoint}, step {result['step']}): test acc "
+        f"{100 * result['acc']:.2f}% on {result['test_images']} images, loss {result['loss']:.4f}"
+        + (f", NFE {result['nfe']:.1f}" if "nfe" in result else "")
+        + f"  -> {out}"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()
