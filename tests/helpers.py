@@ -17,7 +17,9 @@ class MLPBlock(eqx.Module):
         k1, k2 = jax.random.split(key)
         self.w1 = (jax.random.normal(k1, (dim, dim)) / jnp.sqrt(dim)).astype(dtype)
         w2 = jax.random.normal(k2, (dim, dim)) / jnp.sqrt(dim)
-        self.w2 = (scale * w2 / jnp.linalg.norm(w2, 2) / jnp.linalg.norm(self.w1.astype(jnp.float32), 2)).astype(dtype)
+        self.w2 = (
+            scale * w2 / jnp.linalg.norm(w2, 2) / jnp.linalg.norm(self.w1.astype(jnp.float32), 2)
+        ).astype(dtype)
 
     def __call__(self, z, x):
         return self.w2 @ jnp.tanh(self.w1 @ z + x)

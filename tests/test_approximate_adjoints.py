@@ -11,7 +11,15 @@ from .helpers import MLPBlock, tree_rel_error
 
 def _grad(block, x, solver, adjoint, max_steps, tol):
     def loss(block, x):
-        sol = rdeq.fixed_point(block, jnp.zeros_like(x), x, solver=solver, adjoint=adjoint, max_steps=max_steps, tol=tol)
+        sol = rdeq.fixed_point(
+            block,
+            jnp.zeros_like(x),
+            x,
+            solver=solver,
+            adjoint=adjoint,
+            max_steps=max_steps,
+            tol=tol,
+        )
         return jnp.sum(jnp.sin(sol.value))
 
     return eqx.filter_grad(loss)(block, x)
@@ -40,7 +48,9 @@ def test_phantom_adjoint_approaches_exact_with_steps(x64, getkey):
     x = jax.random.normal(kx, (16,), jnp.float64)
     exact = _grad(block, x, rdeq.Picard(), rdeq.UnrolledAdjoint(), 300, 1e-14)
     errors = [
-        tree_rel_error(_grad(block, x, rdeq.Picard(), rdeq.PhantomAdjoint(steps=k), 300, 1e-13), exact)
+        tree_rel_error(
+            _grad(block, x, rdeq.Picard(), rdeq.PhantomAdjoint(steps=k), 300, 1e-13), exact
+        )
         for k in [1, 3, 9, 27]
     ]
     # Error shrinks geometrically with the phantom steps until it hits rounding (~1e-13).
@@ -53,7 +63,11 @@ def test_implicit_adjoint_z0_gets_no_gradient(x64):
     fn = lambda z, x: 0.5 * jnp.tanh(z) + x
 
     def loss(z0, adjoint):
-        return jnp.sum(rdeq.fixed_point(fn, z0, jnp.ones(3), solver=rdeq.Picard(), adjoint=adjoint, max_steps=200, tol=1e-12).value)
+        return jnp.sum(
+            rdeq.fixed_point(
+                fn, z0, jnp.ones(3), solver=rdeq.Picard(), adjoint=adjoint, max_steps=200, tol=1e-12
+            ).value
+        )
 
     assert jnp.all(jax.grad(loss)(jnp.ones(3), rdeq.ImplicitAdjoint()) == 0)
     # ...whereas the exact gradient of the computation is not exactly zero.

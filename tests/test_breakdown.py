@@ -38,9 +38,15 @@ def test_report_hook_gives_reconstruction_error_from_backward_pass(x64, getkey):
     z0 = jnp.zeros_like(x)
     solver = rdeq.Reversible(0.8)
     reports = []
-    adjoint = rdeq.ReversibleAdjoint(report=lambda d: reports.append({k: float(v) for k, v in d.items()}))
+    adjoint = rdeq.ReversibleAdjoint(
+        report=lambda d: reports.append({k: float(v) for k, v in d.items()})
+    )
     for steps in [16]:
-        loss = lambda x: jnp.sum(rdeq.fixed_point(block, z0, x, solver=solver, adjoint=adjoint, max_steps=steps, tol=0.0).value)
+        loss = lambda x: jnp.sum(
+            rdeq.fixed_point(
+                block, z0, x, solver=solver, adjoint=adjoint, max_steps=steps, tol=0.0
+            ).value
+        )
         jax.block_until_ready(jax.jit(jax.grad(loss))(x))
         rec = rdeq.reconstruction_error(block, z0, x, solver=solver, max_steps=steps, tol=0.0)
         # Same reconstruction, but the backward pass takes f's values from `vjp`, which

@@ -20,11 +20,21 @@ def _contraction(k, key, dim=12):
 @pytest.mark.parametrize("k", [0.5, 0.9])
 def test_reversible_converges_for_beta_below_bound(k, getkey):
     fn, x = _contraction(k, getkey())
-    ref = rdeq.fixed_point(fn, jnp.zeros_like(x), x, solver=rdeq.Picard(), adjoint=rdeq.UnrolledAdjoint(), max_steps=400, tol=1e-6)
+    ref = rdeq.fixed_point(
+        fn,
+        jnp.zeros_like(x),
+        x,
+        solver=rdeq.Picard(),
+        adjoint=rdeq.UnrolledAdjoint(),
+        max_steps=400,
+        tol=1e-6,
+    )
     assert ref.converged
     bound = 2 / (k + 1)
     for beta in [0.3, 0.5, 0.8, 0.95 * bound]:
-        sol = rdeq.fixed_point(fn, jnp.zeros_like(x), x, solver=rdeq.Reversible(beta), max_steps=400, tol=1e-6)
+        sol = rdeq.fixed_point(
+            fn, jnp.zeros_like(x), x, solver=rdeq.Reversible(beta), max_steps=400, tol=1e-6
+        )
         assert sol.converged, beta
         np.testing.assert_allclose(sol.value, ref.value, rtol=1e-4, atol=1e-4)
 
@@ -51,7 +61,9 @@ def test_relaxed_threshold_on_linear_map():
     x = jnp.ones(3)
     fn = lambda z, x: -k * z + x
     bound = 2 / (1 + k)
-    solve = lambda solver: rdeq.fixed_point(fn, jnp.zeros(3), x, solver=solver, adjoint=rdeq.UnrolledAdjoint(), max_steps=300, tol=1e-5)
+    solve = lambda solver: rdeq.fixed_point(
+        fn, jnp.zeros(3), x, solver=solver, adjoint=rdeq.UnrolledAdjoint(), max_steps=300, tol=1e-5
+    )
     for solver_cls in [rdeq.Relaxed, rdeq.Reversible]:
         ok = solve(solver_cls(beta=0.9 * bound))
         assert ok.converged
@@ -61,14 +73,27 @@ def test_relaxed_threshold_on_linear_map():
 
 
 @pytest.mark.parametrize(
-    "solver", [rdeq.Picard(), rdeq.Relaxed(0.7), rdeq.Anderson(m=5), rdeq.Broyden(m=8), rdeq.Reversible(0.5)],
+    "solver",
+    [rdeq.Picard(), rdeq.Relaxed(0.7), rdeq.Anderson(m=5), rdeq.Broyden(m=8), rdeq.Reversible(0.5)],
     ids=lambda s: type(s).__name__,
 )
 def test_all_solvers_agree(solver, getkey):
     fn, x = _contraction(0.9, getkey())
-    ref = rdeq.fixed_point(fn, jnp.zeros_like(x), x, solver=rdeq.Picard(), adjoint=rdeq.UnrolledAdjoint(), max_steps=400, tol=1e-7)
-    adjoint = rdeq.ReversibleAdjoint() if isinstance(solver, rdeq.Reversible) else rdeq.ImplicitAdjoint()
-    sol = rdeq.fixed_point(fn, jnp.zeros_like(x), x, solver=solver, adjoint=adjoint, max_steps=400, tol=1e-6)
+    ref = rdeq.fixed_point(
+        fn,
+        jnp.zeros_like(x),
+        x,
+        solver=rdeq.Picard(),
+        adjoint=rdeq.UnrolledAdjoint(),
+        max_steps=400,
+        tol=1e-7,
+    )
+    adjoint = (
+        rdeq.ReversibleAdjoint() if isinstance(solver, rdeq.Reversible) else rdeq.ImplicitAdjoint()
+    )
+    sol = rdeq.fixed_point(
+        fn, jnp.zeros_like(x), x, solver=solver, adjoint=adjoint, max_steps=400, tol=1e-6
+    )
     assert sol.converged
     assert sol.nfe == 1 + solver.nfe_per_step * sol.num_steps
     np.testing.assert_allclose(sol.value, ref.value, rtol=1e-4, atol=1e-4)
@@ -83,7 +108,15 @@ def test_accelerated_solvers_need_fewer_steps(getkey):
     fn = lambda z, x: a @ z + x
     steps = {}
     for solver in [rdeq.Picard(), rdeq.Anderson(m=6), rdeq.Broyden(m=24)]:
-        sol = rdeq.fixed_point(fn, jnp.zeros_like(x), x, solver=solver, adjoint=rdeq.ImplicitAdjoint(), max_steps=2000, tol=1e-4)
+        sol = rdeq.fixed_point(
+            fn,
+            jnp.zeros_like(x),
+            x,
+            solver=solver,
+            adjoint=rdeq.ImplicitAdjoint(),
+            max_steps=2000,
+            tol=1e-4,
+        )
         assert sol.converged
         steps[type(solver).__name__] = int(sol.num_steps)
         exact = jnp.linalg.solve(jnp.eye(12) - a, x)

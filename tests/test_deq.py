@@ -20,7 +20,9 @@ class Model(eqx.Module):
     def __init__(self, *, key, adjoint=rdeq.ReversibleAdjoint(), solver=rdeq.Reversible(0.5)):
         k1, k2, k3 = jax.random.split(key, 3)
         self.encoder = eqx.nn.Linear(4, 16, key=k1)
-        self.deq = rdeq.DEQ(MLPBlock(16, key=k2), solver=solver, adjoint=adjoint, max_steps=6, tol=1e-4)
+        self.deq = rdeq.DEQ(
+            MLPBlock(16, key=k2), solver=solver, adjoint=adjoint, max_steps=6, tol=1e-4
+        )
         self.head = eqx.nn.Linear(16, 3, key=k3)
 
     def __call__(self, x):
@@ -62,7 +64,9 @@ def test_deq_gradient_equals_unrolled(x64, getkey):
     def loss(model):
         return jnp.sum(jax.vmap(lambda x: model(x)[0])(x) ** 2)
 
-    to64 = lambda m: jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, m)
+    to64 = lambda m: jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, m
+    )
     m_rev = to64(Model(key=key))
     m_unr = eqx.tree_at(lambda m: m.deq.adjoint, m_rev, rdeq.UnrolledAdjoint())
     g_rev = eqx.filter_grad(loss)(m_rev)

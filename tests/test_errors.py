@@ -68,9 +68,13 @@ def test_integer_z0():
         rdeq.fixed_point(lambda z, x: z, jnp.zeros(3, jnp.int32), x)
 
 
-@pytest.mark.parametrize("solver", [rdeq.Picard(), rdeq.Anderson(), rdeq.Relaxed(0.5), rdeq.Broyden()])
+@pytest.mark.parametrize(
+    "solver", [rdeq.Picard(), rdeq.Anderson(), rdeq.Relaxed(0.5), rdeq.Broyden()]
+)
 def test_reversible_adjoint_needs_reversible_solver(solver):
-    with pytest.raises(ValueError, match="can only differentiate a reversible solver.*Use `solver=Reversible"):
+    with pytest.raises(
+        ValueError, match="can only differentiate a reversible solver.*Use `solver=Reversible"
+    ):
         rdeq.fixed_point(fn, z0, x, solver=solver, adjoint=rdeq.ReversibleAdjoint())
     with pytest.raises(ValueError, match="can only differentiate a reversible solver"):
         rdeq.DEQ(fn, solver=solver)
@@ -85,7 +89,12 @@ def test_state_dtype_not_a_float():
 
 def test_state_dtype_narrower_than_z0(x64):
     with pytest.raises(ValueError, match="narrower than the dtype float64 of `z0`"):
-        rdeq.fixed_point(fn, jnp.zeros(3, jnp.float64), jnp.ones(3, jnp.float64), solver=rdeq.Reversible(0.5, state_dtype=jnp.float32))
+        rdeq.fixed_point(
+            fn,
+            jnp.zeros(3, jnp.float64),
+            jnp.ones(3, jnp.float64),
+            solver=rdeq.Reversible(0.5, state_dtype=jnp.float32),
+        )
 
 
 def test_not_a_solver_or_adjoint():
@@ -119,7 +128,16 @@ def test_nonfinite_is_reported_per_example_and_thrown_on_request():
     f = lambda z, x: jnp.log(x) + 0.5 * z  # log of a negative input is NaN
 
     def solve(x, throw):
-        return rdeq.fixed_point(f, jnp.zeros(2), x, solver=rdeq.Picard(), adjoint=rdeq.UnrolledAdjoint(), max_steps=50, tol=1e-5, throw=throw)
+        return rdeq.fixed_point(
+            f,
+            jnp.zeros(2),
+            x,
+            solver=rdeq.Picard(),
+            adjoint=rdeq.UnrolledAdjoint(),
+            max_steps=50,
+            tol=1e-5,
+            throw=throw,
+        )
 
     xs = jnp.array([[1.0, 2.0], [-1.0, 2.0], [3.0, 1.0]])
     sols = jax.vmap(lambda x: solve(x, False))(xs)

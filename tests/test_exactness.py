@@ -31,7 +31,9 @@ def _grads(block, x, z0, solver, adjoint, steps, tol=0.0):
             layer, z0, x, solver=solver, adjoint=adjoint, max_steps=steps, tol=tol
         )
         value = sol.value.astype(jnp.float64)
-        return jnp.sum(jnp.sin(value) * jnp.arange(value.size).reshape(value.shape) / value.size), sol.num_steps
+        return jnp.sum(
+            jnp.sin(value) * jnp.arange(value.size).reshape(value.shape) / value.size
+        ), sol.num_steps
 
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(params, x, z0)
 
@@ -87,7 +89,9 @@ def test_mixed_precision_exact(name, beta, steps, getkey):
     with jax.enable_x64(True):
         block64, x64_ = make_block(name, key=key, dtype=jnp.float64)
         z0_64 = 0.1 * jnp.tanh(x64_)
-        g_ref, _ = _grads(block64, x64_, z0_64, rdeq.Reversible(beta), rdeq.UnrolledAdjoint(), steps)
+        g_ref, _ = _grads(
+            block64, x64_, z0_64, rdeq.Reversible(beta), rdeq.UnrolledAdjoint(), steps
+        )
     # The user's code runs with x64 *off*; the solver switches it on for its state only.
     assert not jax.config.read("jax_enable_x64")
     block = cast_floats(block64, jnp.float32)
@@ -96,7 +100,9 @@ def test_mixed_precision_exact(name, beta, steps, getkey):
     params, static = eqx.partition(block, eqx.is_inexact_array)
 
     def loss(params, x, z0):
-        sol = rdeq.fixed_point(eqx.combine(params, static), z0, x, solver=solver, max_steps=steps, tol=0.0)
+        sol = rdeq.fixed_point(
+            eqx.combine(params, static), z0, x, solver=solver, max_steps=steps, tol=0.0
+        )
         v = sol.value
         return jnp.sum(jnp.sin(v) * jnp.arange(v.size, dtype=v.dtype).reshape(v.shape) / v.size)
 
@@ -110,7 +116,12 @@ def test_mixed_precision_bit_exact_reconstruction_at_half(getkey):
     """beta = 0.5 with a float64 state: the reconstruction is exact to the bit."""
     block, x = make_block("conv", key=getkey(), dtype=jnp.float32)
     err = rdeq.reconstruction_error(
-        block, jnp.zeros_like(x), x, solver=rdeq.Reversible(0.5, state_dtype=jnp.float64), max_steps=16, tol=0.0
+        block,
+        jnp.zeros_like(x),
+        x,
+        solver=rdeq.Reversible(0.5, state_dtype=jnp.float64),
+        max_steps=16,
+        tol=0.0,
     )
     assert float(err["abs"]) == 0.0
     err32 = rdeq.reconstruction_error(
@@ -133,7 +144,9 @@ def test_pytree_state(x64, getkey):
     z0 = {"a": jnp.zeros(4), "b": (jnp.zeros(3), jnp.ones(2))}
 
     def loss(args, z0, adjoint):
-        sol = rdeq.fixed_point(fn, z0, args, adjoint=adjoint, solver=rdeq.Reversible(0.8), max_steps=6, tol=0.0)
+        sol = rdeq.fixed_point(
+            fn, z0, args, adjoint=adjoint, solver=rdeq.Reversible(0.8), max_steps=6, tol=0.0
+        )
         return sum(jnp.sum(jnp.sin(l)) for l in jax.tree_util.tree_leaves(sol.value))
 
     g_rev = jax.grad(loss, argnums=(0, 1))((w, v, x), z0, rdeq.ReversibleAdjoint())
@@ -146,7 +159,9 @@ def test_closure_over_parameters(x64, getkey):
     block, x = make_block("mlp", key=getkey(), dtype=jnp.float64)
 
     def loss(block, adjoint):
-        sol = rdeq.fixed_point(lambda z, _: block(z, x), jnp.zeros_like(x), None, adjoint=adjoint, max_steps=5, tol=0.0)
+        sol = rdeq.fixed_point(
+            lambda z, _: block(z, x), jnp.zeros_like(x), None, adjoint=adjoint, max_steps=5, tol=0.0
+        )
         return jnp.sum(sol.value**2)
 
     g_rev = eqx.filter_grad(loss)(block, rdeq.ReversibleAdjoint())
@@ -178,13 +193,17 @@ def test_vmap_per_example_steps(x64, getkey):
         layer = eqx.combine(params, static)
 
         def one(x):
-            sol = rdeq.fixed_point(layer, jnp.zeros_like(x), x, adjoint=adjoint, max_steps=40, tol=1e-8)
+            sol = rdeq.fixed_point(
+                layer, jnp.zeros_like(x), x, adjoint=adjoint, max_steps=40, tol=1e-8
+            )
             return jnp.sum(jnp.sin(sol.value)), sol.num_steps
 
         losses, steps = jax.vmap(one)(xs)
         return jnp.sum(losses), steps
 
-    g_rev, n_rev = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, xs, rdeq.ReversibleAdjoint())
+    g_rev, n_rev = jax.grad(loss, argnums=(0, 1), has_aux=True)(
+        params, xs, rdeq.ReversibleAdjoint()
+    )
     g_ref, n_ref = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, xs, rdeq.UnrolledAdjoint())
     assert list(n_rev) == list(n_ref)
     assert len(set(int(n) for n in n_rev)) > 1  # examples really took different step counts

@@ -15,7 +15,14 @@ def _temp_bytes(adjoint, steps, block, x):
     params, static = eqx.partition(block, eqx.is_inexact_array)
 
     def loss(params, x):
-        sol = rdeq.fixed_point(eqx.combine(params, static), jnp.zeros_like(x), x, adjoint=adjoint, max_steps=steps, tol=0.0)
+        sol = rdeq.fixed_point(
+            eqx.combine(params, static),
+            jnp.zeros_like(x),
+            x,
+            adjoint=adjoint,
+            max_steps=steps,
+            tol=0.0,
+        )
         return jnp.sum(sol.value**2)
 
     xs = jnp.broadcast_to(x, (8, *x.shape))  # batched, as in training

@@ -17,7 +17,9 @@ def test_no_global_x64_and_fn_sees_its_own_dtype(getkey):
 
     solver = rdeq.Reversible(0.8, state_dtype=jnp.float64)
     x = jnp.ones(3)
-    grad = jax.grad(lambda x: jnp.sum(rdeq.fixed_point(fn, jnp.zeros(3), x, solver=solver, max_steps=4).value))(x)
+    grad = jax.grad(
+        lambda x: jnp.sum(rdeq.fixed_point(fn, jnp.zeros(3), x, solver=solver, max_steps=4).value)
+    )(x)
     assert grad.dtype == jnp.float32
     assert not jax.config.read("jax_enable_x64")
     assert jnp.zeros(2).dtype == jnp.float32
@@ -31,7 +33,9 @@ def test_state_really_is_float64(getkey):
     """The solver's loop carries float64 arrays (checked in the traced program)."""
     solver = rdeq.Reversible(0.8, state_dtype=jnp.float64)
     fn = lambda z, x: jnp.tanh(z + x)
-    jaxpr = jax.make_jaxpr(lambda x: rdeq.fixed_point(fn, jnp.zeros(3), x, solver=solver).value)(jnp.ones(3))
+    jaxpr = jax.make_jaxpr(lambda x: rdeq.fixed_point(fn, jnp.zeros(3), x, solver=solver).value)(
+        jnp.ones(3)
+    )
     assert "f64[3]" in str(jaxpr)
     jaxpr32 = jax.make_jaxpr(lambda x: rdeq.fixed_point(fn, jnp.zeros(3), x).value)(jnp.ones(3))
     assert "f64" not in str(jaxpr32)
@@ -41,7 +45,16 @@ def test_float64_state_reconstructs_better_than_float32(getkey):
     block, x = make_block("attention", key=getkey(), dtype=jnp.float32)
     errs = {}
     for name, dtype in [("f32", None), ("f64", jnp.float64)]:
-        errs[name] = float(rdeq.reconstruction_error(block, jnp.zeros_like(x), x, solver=rdeq.Reversible(0.8, state_dtype=dtype), max_steps=4, tol=0.0)["abs"])
+        errs[name] = float(
+            rdeq.reconstruction_error(
+                block,
+                jnp.zeros_like(x),
+                x,
+                solver=rdeq.Reversible(0.8, state_dtype=dtype),
+                max_steps=4,
+                tol=0.0,
+            )["abs"]
+        )
     assert errs["f64"] < 1e-3 * errs["f32"], errs
 
 
@@ -53,13 +66,24 @@ def test_bfloat16_layer_with_float64_state(getkey):
     24-bit state whose exponent is far smaller rounds (reconstruction error ~4e-2 here)."""
     block, x = make_block("mlp", key=getkey(), dtype=jnp.bfloat16)
     solver = rdeq.Reversible(0.5, state_dtype=jnp.float64)
-    err = rdeq.reconstruction_error(block, jnp.zeros_like(x), x, solver=solver, max_steps=6, tol=0.0)
+    err = rdeq.reconstruction_error(
+        block, jnp.zeros_like(x), x, solver=solver, max_steps=6, tol=0.0
+    )
     assert float(err["abs"]) == 0.0
-    err32 = rdeq.reconstruction_error(block, jnp.zeros_like(x), x, solver=rdeq.Reversible(0.5, state_dtype=jnp.float32), max_steps=6, tol=0.0)
+    err32 = rdeq.reconstruction_error(
+        block,
+        jnp.zeros_like(x),
+        x,
+        solver=rdeq.Reversible(0.5, state_dtype=jnp.float32),
+        max_steps=6,
+        tol=0.0,
+    )
     assert float(err32["abs"]) > 1e-3
 
     def loss(x, adjoint):
-        sol = rdeq.fixed_point(block, jnp.zeros_like(x), x, solver=solver, adjoint=adjoint, max_steps=6, tol=0.0)
+        sol = rdeq.fixed_point(
+            block, jnp.zeros_like(x), x, solver=solver, adjoint=adjoint, max_steps=6, tol=0.0
+        )
         return jnp.sum(sol.value.astype(jnp.float32) ** 2)
 
     g_rev = jax.grad(loss)(x, rdeq.ReversibleAdjoint())

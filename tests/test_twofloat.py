@@ -18,7 +18,9 @@ def _exact(t):
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_error_free_transformations(jit, getkey):
-    a = jax.random.normal(getkey(), (1000,)) * 10.0 ** jax.random.uniform(getkey(), (1000,), minval=-3, maxval=3)
+    a = jax.random.normal(getkey(), (1000,)) * 10.0 ** jax.random.uniform(
+        getkey(), (1000,), minval=-3, maxval=3
+    )
     b = jax.random.normal(getkey(), (1000,))
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
     two_sum = jax.jit(tf.two_sum) if jit else tf.two_sum
@@ -35,7 +37,9 @@ def test_forward_then_inverse_step_under_jit(getkey):
     """The solver's two-float step and its inverse, compiled (where XLA fuses products
     into FMAs), come back to within ~2^-46 relative."""
     solver = rdeq.Reversible(0.8, state_dtype="float32x2")
-    z = tf.TwoFloat(*tf.two_sum(jax.random.normal(getkey(), (64,)), 1e-8 * jax.random.normal(getkey(), (64,))))
+    z = tf.TwoFloat(
+        *tf.two_sum(jax.random.normal(getkey(), (64,)), 1e-8 * jax.random.normal(getkey(), (64,)))
+    )
     f = jax.random.normal(getkey(), (64,))
 
     @jax.jit
@@ -57,15 +61,25 @@ def test_reconstruction_far_better_than_float32_without_x64(getkey):
     errs = {}
     for sd in [None, "float32x2"]:
         solver = rdeq.Reversible(0.8, state_dtype=sd)
-        errs[sd] = float(rdeq.reconstruction_error(block, jnp.zeros_like(x), x, solver=solver, max_steps=32, tol=0.0)["abs"])
-        jaxpr = str(jax.make_jaxpr(lambda x: rdeq.fixed_point(block, jnp.zeros_like(x), x, solver=solver).value)(x))
+        errs[sd] = float(
+            rdeq.reconstruction_error(
+                block, jnp.zeros_like(x), x, solver=solver, max_steps=32, tol=0.0
+            )["abs"]
+        )
+        jaxpr = str(
+            jax.make_jaxpr(
+                lambda x: rdeq.fixed_point(block, jnp.zeros_like(x), x, solver=solver).value
+            )(x)
+        )
         assert "f64" not in jaxpr  # no 64-bit type anywhere in the program
     assert not jax.config.read("jax_enable_x64")
     assert jnp.zeros(1).dtype == jnp.float32
     assert errs["float32x2"] < 1e-4 * errs[None], errs
 
 
-@pytest.mark.parametrize("name,beta,steps", [("mlp", 0.8, 16), ("attention", 0.8, 8), ("conv", 0.5, 8)])
+@pytest.mark.parametrize(
+    "name,beta,steps", [("mlp", 0.8, 16), ("attention", 0.8, 8), ("conv", 0.5, 8)]
+)
 def test_gradient_matches_float64_unrolled(name, beta, steps, getkey):
     key = getkey()
     with jax.enable_x64(True):
@@ -73,11 +87,23 @@ def test_gradient_matches_float64_unrolled(name, beta, steps, getkey):
         params64, static = eqx.partition(block64, eqx.is_inexact_array)
 
         def loss(params, x, solver, adjoint):
-            sol = rdeq.fixed_point(eqx.combine(params, static), jnp.zeros_like(x), x, solver=solver, adjoint=adjoint, max_steps=steps, tol=0.0)
+            sol = rdeq.fixed_point(
+                eqx.combine(params, static),
+                jnp.zeros_like(x),
+                x,
+                solver=solver,
+                adjoint=adjoint,
+                max_steps=steps,
+                tol=0.0,
+            )
             return jnp.sum(jnp.sin(sol.value))
 
-        g_ref = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=(2, 3))(params64, x64_, rdeq.Reversible(beta), rdeq.UnrolledAdjoint())
+        g_ref = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=(2, 3))(
+            params64, x64_, rdeq.Reversible(beta), rdeq.UnrolledAdjoint()
+        )
     params = cast_floats(params64, jnp.float32)
     solver = rdeq.Reversible(beta, state_dtype="float32x2")
-    g = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=(2, 3))(params, x64_.astype(jnp.float32), solver, rdeq.ReversibleAdjoint())
+    g = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=(2, 3))(
+        params, x64_.astype(jnp.float32), solver, rdeq.ReversibleAdjoint()
+    )
     assert tree_rel_error(g, g_ref) <= 1e-5

@@ -76,9 +76,7 @@ def _place_like(new: Any, like: Any) -> Any:
 
 
 def _fsync_dir(directory: pathlib.Path) -> None:
-    with contextlib.suppress(
-        OSError
-    ):  # not supported everywhere (e.g. Windows); best effort
+    with contextlib.suppress(OSError):  # not supported everywhere (e.g. Windows); best effort
         fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -94,9 +92,7 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> pathlib.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = pathlib.Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -113,15 +109,12 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> pathlib.
 
 def _header_line(header: dict[str, Any]) -> bytes:
     if not isinstance(header, dict):
-        raise TypeError(
-            f"checkpoint header must be a dict, got {type(header).__name__}"
-        )
+        raise TypeError(f"checkpoint header must be a dict, got {type(header).__name__}")
     try:
         text = json.dumps(header, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise TypeError(
-            "checkpoint header must be JSON-serialisable "
-            f"(use config_to_dict for configs): {e}"
+            f"checkpoint header must be JSON-serialisable (use config_to_dict for configs): {e}"
         ) from e
     return text.encode("utf-8") + b"\n"
 
@@ -157,9 +150,7 @@ def _read_header_from(f: IO[bytes], path: PathLike) -> dict[str, Any]:
     try:
         header = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(
-            f"{path} is not a checkpoint: its first line is not a JSON header"
-        ) from e
+        raise ValueError(f"{path} is not a checkpoint: its first line is not a JSON header") from e
     if not isinstance(header, dict):
         raise ValueError(f"{path} is not a checkpoint: its header is not a JSON object")
     return header
@@ -186,9 +177,7 @@ def load_checkpoint(path: PathLike, like: T) -> tuple[T, dict[str, Any]]:
         try:
             tree = eqx.tree_deserialise_leaves(f, like, filter_spec=_deserialise_leaf)
         except (RuntimeError, ValueError, OSError, EOFError) as e:
-            raise ValueError(
-                f"checkpoint {path} does not match the given skeleton: {e}"
-            ) from e
+            raise ValueError(f"checkpoint {path} does not match the given skeleton: {e}") from e
         if f.read(1):
             raise ValueError(
                 f"checkpoint {path} holds more data than the skeleton has leaves: "

@@ -56,9 +56,7 @@ def _field_types(cls: type, *, init_only: bool = True) -> dict[str, Any]:
     _check_dataclass_type(cls)
     hints = typing.get_type_hints(cls)
     return {
-        f.name: hints.get(f.name, Any)
-        for f in dataclasses.fields(cls)
-        if f.init or not init_only
+        f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init or not init_only
     }
 
 
@@ -77,9 +75,7 @@ def _type_name(tp: Any) -> str:
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is not None:
-        args = ", ".join(
-            "..." if a is Ellipsis else _type_name(a) for a in typing.get_args(tp)
-        )
+        args = ", ".join("..." if a is Ellipsis else _type_name(a) for a in typing.get_args(tp))
         return f"{getattr(origin, '__name__', str(origin))}[{args}]"
     return str(tp).replace("typing.", "")
 
@@ -141,9 +137,7 @@ def _parse_value(tp: Any, text: str) -> Any:
             item_types: list[Any] = [args[0]] * len(items)
         elif origin is tuple and args and args != ((),):
             if len(items) != len(args):
-                raise ValueError(
-                    f"expected {len(args)} comma-separated items, got {len(items)}"
-                )
+                raise ValueError(f"expected {len(args)} comma-separated items, got {len(items)}")
             item_types = list(args)
         elif origin is list and args:
             item_types = [args[0]] * len(items)
@@ -171,9 +165,7 @@ def _parse_value(tp: Any, text: str) -> Any:
             if text.strip() in (member.name, str(member.value)):
                 return member
         raise ValueError()
-    raise TypeError(
-        f"config fields of type {_type_name(tp)} cannot be set from the command line"
-    )
+    raise TypeError(f"config fields of type {_type_name(tp)} cannot be set from the command line")
 
 
 def format_config(config: Any) -> str:
@@ -217,9 +209,7 @@ def parse_config(
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if default not in registry:
-        raise ValueError(
-            f"default config {default!r} is not in the registry {sorted(registry)}"
-        )
+        raise ValueError(f"default config {default!r} is not in the registry {sorted(registry)}")
     name = default
     pairs: list[tuple[str, str | None]] = []
     want_help = False
@@ -228,9 +218,7 @@ def parse_config(
             want_help = True
             continue
         if not arg.startswith("--") or len(arg) == 2 or arg[2] == "=":
-            raise ValueError(
-                f"unexpected argument {arg!r}: expected --key=value or --flag"
-            )
+            raise ValueError(f"unexpected argument {arg!r}: expected --key=value or --flag")
         key, sep, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key == "config":
@@ -246,9 +234,7 @@ def parse_config(
         )
     base = registry[name]
     if not dataclasses.is_dataclass(base) or isinstance(base, type):
-        raise TypeError(
-            f"registry[{name!r}] must be a dataclass instance, got {base!r}"
-        )
+        raise TypeError(f"registry[{name!r}] must be a dataclass instance, got {base!r}")
     if want_help:
         print(
             f"config {name!r} (choose with --config=NAME from {sorted(registry)}); "
@@ -302,8 +288,7 @@ def _to_json(value: Any, where: str) -> Any:
     if isinstance(value, enum.Enum):
         return _to_json(value.value, where)
     raise TypeError(
-        f"config field {where} = {value!r} ({type(value).__name__}) "
-        "is not JSON-serialisable"
+        f"config field {where} = {value!r} ({type(value).__name__}) is not JSON-serialisable"
     )
 
 
@@ -314,10 +299,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     """
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
         raise TypeError(f"expected a dataclass instance, got {config!r}")
-    return {
-        f.name: _to_json(getattr(config, f.name), f.name)
-        for f in dataclasses.fields(config)
-    }
+    return {f.name: _to_json(getattr(config, f.name), f.name) for f in dataclasses.fields(config)}
 
 
 def _from_json(tp: Any, value: Any, where: str) -> Any:
@@ -341,26 +323,15 @@ def _from_json(tp: Any, value: Any, where: str) -> Any:
         raise ValueError(f"{where}: {value!r} is not {_type_name(tp)}")
     if origin in (tuple, list) or tp in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(
-                f"{where}: expected a list for {_type_name(tp)}, got {value!r}"
-            )
+            raise ValueError(f"{where}: expected a list for {_type_name(tp)}, got {value!r}")
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            items = [
-                _from_json(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)
-            ]
+            items = [_from_json(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
         elif origin is tuple and args and args != ((),):
             if len(value) != len(args):
-                raise ValueError(
-                    f"{where}: expected {len(args)} items, got {len(value)}"
-                )
-            items = [
-                _from_json(t, v, f"{where}[{i}]")
-                for i, (t, v) in enumerate(zip(args, value))
-            ]
+                raise ValueError(f"{where}: expected {len(args)} items, got {len(value)}")
+            items = [_from_json(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(args, value))]
         elif origin is list and args:
-            items = [
-                _from_json(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)
-            ]
+            items = [_from_json(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
         else:
             items = list(value)
         return items if (origin is list or tp is list) else tuple(items)
@@ -368,15 +339,11 @@ def _from_json(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise ValueError(f"{where}: expected a dict, got {value!r}")
         if len(args) == 2:
-            return {
-                k: _from_json(args[1], v, f"{where}[{k!r}]") for k, v in value.items()
-            }
+            return {k: _from_json(args[1], v, f"{where}[{k!r}]") for k, v in value.items()}
         return dict(value)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise ValueError(
-                f"{where}: expected a dict for {tp.__name__}, got {value!r}"
-            )
+            raise ValueError(f"{where}: expected a dict for {tp.__name__}, got {value!r}")
         return config_from_dict(tp, value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -417,9 +384,7 @@ def config_from_dict(cls: type[ConfigT], d: Mapping[str, Any]) -> ConfigT:
             f"{_suggestion(unknown[0], list(all_names))} "
             f"Valid keys: {', '.join(init_types)}."
         )
-    kwargs = {
-        k: _from_json(init_types[k], v, k) for k, v in d.items() if k in init_types
-    }
+    kwargs = {k: _from_json(init_types[k], v, k) for k, v in d.items() if k in init_types}
     try:
         return cls(**kwargs)
     except TypeError as e:

@@ -320,9 +320,7 @@ def train_loop(
         raise TypeError(
             f"`header` must be JSON-serialisable (use config_to_dict for configs): {e}"
         ) from e
-    atomic_write(
-        workdir / "config.json", lambda f: f.write(config_text.encode("utf-8") + b"\n")
-    )
+    atomic_write(workdir / "config.json", lambda f: f.write(config_text.encode("utf-8") + b"\n"))
 
     # ---- where to start
     last_saved: int | None = None
@@ -339,23 +337,18 @@ def train_loop(
         print(f"resumed from {latest} at step {start}")
         changed = _config_diff(saved_header.get("config"), header.get("config"))
         if changed:
-            print(
-                f"note: config differs from the checkpoint's in: {', '.join(changed)}"
-            )
+            print(f"note: config differs from the checkpoint's in: {', '.join(changed)}")
     else:
         if resume:
             print(f"no checkpoint in {workdir}; starting from scratch")
         elif latest is not None:
             print(
-                f"note: starting fresh in {workdir}; "
-                "its existing checkpoints will be overwritten"
+                f"note: starting fresh in {workdir}; its existing checkpoints will be overwritten"
             )
         start = int(state.step)  # pyright: ignore[reportAttributeAccessIssue]
     dropped = logger.truncate(after_step=start)
     if dropped:
-        print(
-            f"dropped {dropped} metrics records after step {start} from {logger.path}"
-        )
+        print(f"dropped {dropped} metrics records after step {start} from {logger.path}")
     if start >= total:
         print(f"already at step {start} >= total_steps={total}; nothing to do")
         return state
@@ -382,9 +375,7 @@ def train_loop(
         else:
             print(message, flush=True)
 
-    def save(
-        state: S, done: int, metrics: Mapping[str, Any] | None, *, as_best: bool
-    ) -> S:
+    def save(state: S, done: int, metrics: Mapping[str, Any] | None, *, as_best: bool) -> S:
         """Check that `state` is finite, then write it to latest.eqx (and best.eqx)."""
         if metrics is not None:
             loss = to_python(jax.device_get(metrics["loss"]))
@@ -429,8 +420,7 @@ def train_loop(
             if run_steps <= 2:
                 if "loss" not in metrics:
                     raise KeyError(
-                        "train_step's metrics must include 'loss'; "
-                        f"got {sorted(metrics)}"
+                        f"train_step's metrics must include 'loss'; got {sorted(metrics)}"
                     )
                 jax.block_until_ready(eqx.filter((state, metrics), eqx.is_array))
                 if run_steps == 1:
@@ -449,9 +439,7 @@ def train_loop(
             save_now = done % spec.checkpoint_every == 0 or is_last
 
             if log_now:
-                values = {
-                    k: to_python(v) for k, v in jax.device_get(dict(metrics)).items()
-                }
+                values = {k: to_python(v) for k, v in jax.device_get(dict(metrics)).items()}
                 seconds = throughput.read()
                 if seconds is not None:
                     values["ms_per_step"] = 1e3 * seconds
@@ -460,16 +448,12 @@ def train_loop(
                 shown = {"loss": _short(values["loss"])}
                 if rate_key in values:
                     shown[f"{unit_name}/s"] = _rate(values[rate_key])
-                shown.update(
-                    {k: _short(values[k]) for k in _POSTFIX_KEYS if k in values}
-                )
+                shown.update({k: _short(values[k]) for k in _POSTFIX_KEYS if k in values})
                 if progress:
                     bar.set_postfix(shown, refresh=False)
                 else:
                     extra = (
-                        f" | {values['ms_per_step']:.1f} ms/step"
-                        if "ms_per_step" in values
-                        else ""
+                        f" | {values['ms_per_step']:.1f} ms/step" if "ms_per_step" in values else ""
                     )
                     say(
                         f"step {done}/{total} | "
@@ -478,9 +462,7 @@ def train_loop(
                     )
                 if not is_finite_number(values["loss"]):
                     raise NonFiniteLossError(
-                        _nonfinite_message(
-                            f"loss is {values['loss']}", done, last_saved, manager
-                        )
+                        _nonfinite_message(f"loss is {values['loss']}", done, last_saved, manager)
                     )
 
             improved = False
@@ -491,8 +473,7 @@ def train_loop(
                 results = {k: to_python(v) for k, v in evaluate(state).items()}
                 if best_key not in results:
                     raise KeyError(
-                        f"evaluate() returned {sorted(results)}, "
-                        f"which lacks best_key={best_key!r}"
+                        f"evaluate() returned {sorted(results)}, which lacks best_key={best_key!r}"
                     )
                 eval_seconds = time.perf_counter() - t_eval
                 logger.log(done, "val", **results, eval_seconds=eval_seconds)

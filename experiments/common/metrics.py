@@ -132,8 +132,4 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def is_finite_number(value: Any) -> bool:
     """True for an `int`/`float` that is not NaN or infinite (booleans excluded)."""
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -27,8 +27,7 @@ def warmup_cosine(
         raise ValueError(f"`total_steps` must be >= 1, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
         raise ValueError(
-            f"`warmup_steps` must be in [0, total_steps={total_steps}], "
-            f"got {warmup_steps}"
+            f"`warmup_steps` must be in [0, total_steps={total_steps}], got {warmup_steps}"
         )
     if not 0.0 <= final_lr_ratio <= 1.0:
         raise ValueError(f"`final_lr_ratio` must be in [0, 1], got {final_lr_ratio}")

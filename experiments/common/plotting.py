@@ -90,9 +90,7 @@ def plot_metrics(
     **Returns:** the path of the PNG.
     """
     if not panels:
-        raise ValueError(
-            "`panels` is empty: give at least one title -> [(split, key), ...]"
-        )
+        raise ValueError("`panels` is empty: give at least one title -> [(split, key), ...]")
     records = read_metrics(metrics_path)
     rows, cols = _grid(len(panels))
     fig = Figure(figsize=(4.5 * cols, 3.4 * rows), layout="constrained")
@@ -150,9 +148,7 @@ def plot_series(
     ax = fig.subplots()
     for label, (xs, ys) in series.items():
         if len(xs) != len(ys):
-            raise ValueError(
-                f"series {label!r}: {len(xs)} x values but {len(ys)} y values"
-            )
+            raise ValueError(f"series {label!r}: {len(xs)} x values but {len(ys)} y values")
         ys = _finite_or_nan(ys)
         if logy and any(y <= 0 for y in ys if not math.isnan(y)):
             raise ValueError(

@@ -63,9 +63,7 @@ def shard_batch(batch: T, mesh: Mesh) -> T:
         if not eqx.is_array(x):
             return x
         if np.ndim(x) == 0:
-            raise ValueError(
-                "cannot shard a scalar: every batch array needs a leading batch axis"
-            )
+            raise ValueError("cannot shard a scalar: every batch array needs a leading batch axis")
         if x.shape[0] % num_devices != 0:
             raise ValueError(
                 f"batch size {x.shape[0]} is not divisible by the number of devices "
@@ -80,6 +78,4 @@ def shard_batch(batch: T, mesh: Mesh) -> T:
 def replicate(tree: T, mesh: Mesh) -> T:
     """Place every array of `tree` (model, optimiser state) on every device."""
     sharding = replicated_sharding(mesh)
-    return jax.tree.map(
-        lambda x: jax.device_put(x, sharding) if eqx.is_array(x) else x, tree
-    )
+    return jax.tree.map(lambda x: jax.device_put(x, sharding) if eqx.is_array(x) else x, tree)

@@ -123,9 +123,7 @@ def profile_step(config: Config, splits: data.TokenSplits, *, steps: int = 3) ->
         )
 
     key = jax.random.key(0)
-    compiled = step.lower(
-        state, batch(0), key
-    ).compile()  # equinox's wrapper of jax's Compiled
+    compiled = step.lower(state, batch(0), key).compile()  # equinox's wrapper of jax's Compiled
     memory = compiled.compiled.memory_analysis()
     state, metrics = compiled(state, batch(0), key)  # warm-up
     jax.block_until_ready(metrics)
@@ -151,9 +149,7 @@ def profile_step(config: Config, splits: data.TokenSplits, *, steps: int = 3) ->
 def training_seconds(records: list[dict]) -> dict[int, float]:
     """Cumulative training wall-clock at each logged step, from the train records' `ms_per_step`
     (steps before the first measurement, i.e. compilation, are charged at the first measured rate)."""
-    train_records = sorted(
-        (r for r in records if r["split"] == "train"), key=lambda r: r["step"]
-    )
+    train_records = sorted((r for r in records if r["split"] == "train"), key=lambda r: r["step"])
     rates = [r.get("ms_per_step") for r in train_records]
     first = next((v for v in rates if v is not None), 0.0)
     elapsed, previous, out, rate = 0.0, 0, {0: 0.0}, first
@@ -192,11 +188,7 @@ def run_variant(
     records = read_metrics(runs / name / "metrics.jsonl")
     seconds = training_seconds(records)
     val = sorted((r for r in records if r["split"] == "val"), key=lambda r: r["step"])
-    rates = [
-        r["tokens_per_s"]
-        for r in records
-        if r["split"] == "train" and "tokens_per_s" in r
-    ]
+    rates = [r["tokens_per_s"] for r in records if r["split"] == "train" and "tokens_per_s" in r]
     return {
         "name": name,
         "label": label,
@@ -241,9 +233,7 @@ def write_table(
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        nfe = f"{r['nfe']:.1f}" + (
-            f" / {r['paper_nfe']}" if r["paper_nfe"] is not None else ""
-        )
+        nfe = f"{r['nfe']:.1f}" + (f" / {r['paper_nfe']}" if r["paper_nfe"] is not None else "")
         residual = "-" if r["residual"] is None else f"{r['residual']:.2e}"
         rate = "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
         lines.append(
@@ -266,9 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--budget_s", "--budget-s", type=float, default=300.0)
-    parser.add_argument(
-        "--variants", default="revdeq,deq-ift,explicit,nfe-2,nfe-4,nfe-6,nfe-12"
-    )
+    parser.add_argument("--variants", default="revdeq,deq-ift,explicit,nfe-2,nfe-4,nfe-6,nfe-12")
     parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--runs", default="runs/compare")
     args, rest = parser.parse_known_args(argv)
@@ -298,9 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in names:
         label, config = table[name]
-        rows.append(
-            run_variant(name, label, config, splits, budget_s=args.budget_s, runs=runs)
-        )
+        rows.append(run_variant(name, label, config, splits, budget_s=args.budget_s, runs=runs))
         # rewrite after every variant, so partial results survive an interruption
         unigram = data.unigram_perplexity(splits.train, splits.val)
         (out / "compare.json").write_text(
@@ -312,10 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         text = write_table(rows, unigram, out, args.budget_s, splits.description)
         plot_series(
-            {
-                r["label"]: ([t for t, _ in r["curve"]], [p for _, p in r["curve"]])
-                for r in rows
-            },
+            {r["label"]: ([t for t, _ in r["curve"]], [p for _, p in r["curve"]]) for r in rows},
             out / "ppl_vs_time.png",
             xlabel="training wall-clock (s)",
             ylabel="validation perplexity",

@@ -16,38 +16,28 @@ class Config:
     data_dir: str | None = (
         None  # dir with wiki.{train,valid,test}.raw; None: $REVDEQ_WIKITEXT_DIR, else HF hub
     )
-    hub_config: str = (
-        "wikitext-103-raw-v1"  # Salesforce/wikitext config, used when no data dir
+    hub_config: str = "wikitext-103-raw-v1"  # Salesforce/wikitext config, used when no data dir
+    splits: str = (
+        "standard"  # "standard" | "valid-as-train" (train on wiki.valid head, val = its tail)
     )
-    splits: str = "standard"  # "standard" | "valid-as-train" (train on wiki.valid head, val = its tail)
-    holdout_fraction: float = (
-        0.1  # valid-as-train: fraction of wiki.valid held out as val
-    )
+    holdout_fraction: float = 0.1  # valid-as-train: fraction of wiki.valid held out as val
     tokenizer_dir: str | None = (
         None  # dir with GPT-2 vocab.bpe + encoder.json; None: default lookup
     )
-    cache_dir: str | None = (
-        None  # token cache; None: $REVDEQ_CACHE_DIR or <repo>/.cache/wikitext
-    )
+    cache_dir: str | None = None  # token cache; None: $REVDEQ_CACHE_DIR or <repo>/.cache/wikitext
     # --- model ------------------------------------------------------------------------------
-    model: str = (
-        "deq"  # "deq" (one equilibrium layer) | "explicit" (num_layers distinct layers)
-    )
+    model: str = "deq"  # "deq" (one equilibrium layer) | "explicit" (num_layers distinct layers)
     dim: int = 768  # embedding / hidden size
     num_heads: int = 8  # attention heads
     mlp_ratio: int = 4  # MLP hidden size = mlp_ratio * dim
     seq_len: int = 512  # tokens per training sequence (and evaluation window)
     num_layers: int = 12  # explicit model only: number of distinct transformer layers
     tie_embeddings: bool = False  # share token embedding and output head weights
-    dropout: float = (
-        0.1  # variational dropout in the equilibrium layer (one mask per pass)
-    )
+    dropout: float = 0.1  # variational dropout in the equilibrium layer (one mask per pass)
     param_dtype: str = "float32"  # parameters (and optimiser state)
     compute_dtype: str = "float32"  # layer arithmetic: "float32" | "bfloat16"
     # --- fixed-point solver (model="deq") --------------------------------------------------
-    solver: str = (
-        "reversible"  # "reversible" | "relaxed" | "picard" | "anderson" | "broyden"
-    )
+    solver: str = "reversible"  # "reversible" | "relaxed" | "picard" | "anderson" | "broyden"
     adjoint: str = "reversible"  # "reversible" | "unrolled" | "checkpoint" | "implicit" | "phantom"
     beta: float = 0.5  # relaxation of the reversible / relaxed solvers
     max_steps: int = 4  # solver steps (reversible: NFE = 2 * max_steps)
@@ -56,9 +46,7 @@ class Config:
         None  # reversible solver state: None (as layer) | "float64" (mixed precision)
     )
     anderson_m: int = 5  # Anderson history size
-    implicit_tol: float = (
-        1e-6  # implicit adjoint: tolerance of the backward linear solve
-    )
+    implicit_tol: float = 1e-6  # implicit adjoint: tolerance of the backward linear solve
     implicit_max_steps: int = 30  # implicit adjoint: steps of the backward linear solve
     # --- optimisation ----------------------------------------------------------------------
     batch_size: int = 32
@@ -72,12 +60,8 @@ class Config:
     eval_every: int = 2000
     checkpoint_every: int = 2000
     eval_batch_size: int = 32
-    eval_tokens: int | None = (
-        None  # validate on the first eval_tokens tokens of val (None: all)
-    )
-    test_tokens: int | None = (
-        None  # final test on the first test_tokens tokens of test (None: all)
-    )
+    eval_tokens: int | None = None  # validate on the first eval_tokens tokens of val (None: all)
+    test_tokens: int | None = None  # final test on the first test_tokens tokens of test (None: all)
     seed: int = 0
 
 

@@ -58,8 +58,7 @@ GPT2_FILES = {
 }
 GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 TOKENIZER_ID = (
-    "gpt2-"
-    + hashlib.sha256("".join(sorted(GPT2_FILES.values())).encode()).hexdigest()[:8]
+    "gpt2-" + hashlib.sha256("".join(sorted(GPT2_FILES.values())).encode()).hexdigest()[:8]
 )
 
 SPLIT_FILES = {
@@ -121,9 +120,7 @@ def load_tokenizer(tokenizer_dir: str | Path | None = None):
     """
     import tiktoken
 
-    directory = (
-        Path(tokenizer_dir) if tokenizer_dir is not None else default_tokenizer_dir()
-    )
+    directory = Path(tokenizer_dir) if tokenizer_dir is not None else default_tokenizer_dir()
     if directory is None:
         try:
             return tiktoken.get_encoding("gpt2")
@@ -139,9 +136,7 @@ def load_tokenizer(tokenizer_dir: str | Path | None = None):
     for name, expected in GPT2_FILES.items():
         path = directory / name
         if not path.is_file():
-            raise DataError(
-                f"GPT-2 tokenizer file {path} is missing. " + _HOW_TO_GET_GPT2
-            )
+            raise DataError(f"GPT-2 tokenizer file {path} is missing. " + _HOW_TO_GET_GPT2)
         if _sha256(path) != expected:
             raise DataError(
                 f"GPT-2 tokenizer file {path} is corrupt (sha256 differs from OpenAI's {expected}). "
@@ -198,9 +193,7 @@ def read_raw_file(path: Path) -> str:
             if not _HEADING.match(first):
                 problem = f"its first line {first[:60]!r} is not a WikiText heading ' = Title = '"
     if problem is not None:
-        raise DataError(
-            f"WikiText file {path} is corrupt: {problem}. " + _HOW_TO_GET_WIKITEXT
-        )
+        raise DataError(f"WikiText file {path} is corrupt: {problem}. " + _HOW_TO_GET_WIKITEXT)
     return text
 
 
@@ -254,9 +247,7 @@ def tokenize_file(path: Path, enc, cache_dir: Path | None) -> np.ndarray:
         raise DataError(f"WikiText file {path} is missing. " + _HOW_TO_GET_WIKITEXT)
     cache = None
     if cache_dir is not None:
-        key = (
-            f"{path.name}-{_sha256(path)[:16]}-{path.stat().st_size}-{TOKENIZER_ID}.npy"
-        )
+        key = f"{path.name}-{_sha256(path)[:16]}-{path.stat().st_size}-{TOKENIZER_ID}.npy"
         cache = Path(cache_dir) / key
         tokens = _load_cached(cache)
         if tokens is not None:
@@ -267,9 +258,7 @@ def tokenize_file(path: Path, enc, cache_dir: Path | None) -> np.ndarray:
     return tokens
 
 
-def tokenize_hub_split(
-    config_name: str, split: str, enc, cache_dir: Path | None
-) -> np.ndarray:
+def tokenize_hub_split(config_name: str, split: str, enc, cache_dir: Path | None) -> np.ndarray:
     cache = None
     if cache_dir is not None:
         cache = Path(cache_dir) / f"hf-{config_name}-{split}-{TOKENIZER_ID}.npy"
@@ -305,16 +294,10 @@ def load_splits(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
     if directory is not None and not directory.is_dir():
-        raise DataError(
-            f"WikiText directory {directory} does not exist. " + _HOW_TO_GET_WIKITEXT
-        )
-    needed = (
-        ("valid", "test") if splits == "valid-as-train" else ("train", "valid", "test")
-    )
+        raise DataError(f"WikiText directory {directory} does not exist. " + _HOW_TO_GET_WIKITEXT)
+    needed = ("valid", "test") if splits == "valid-as-train" else ("train", "valid", "test")
     if directory is not None:
-        missing = [
-            SPLIT_FILES[s] for s in needed if not (directory / SPLIT_FILES[s]).is_file()
-        ]
+        missing = [SPLIT_FILES[s] for s in needed if not (directory / SPLIT_FILES[s]).is_file()]
         if missing:
             hint = ""
             if missing == ["wiki.train.raw"]:
@@ -341,9 +324,7 @@ def load_splits(
     valid = tokens("valid")
     n_val = int(round(holdout_fraction * len(valid)))
     if not 0 < n_val < len(valid):
-        raise ValueError(
-            f"holdout_fraction={holdout_fraction} leaves no train or val tokens"
-        )
+        raise ValueError(f"holdout_fraction={holdout_fraction} leaves no train or val tokens")
     return TokenSplits(
         train=valid[:-n_val],
         val=valid[-n_val:],
@@ -371,15 +352,11 @@ def get_batch(
         raise ValueError(f"{len(tokens)} tokens cannot fill one window of {seq_len}+1")
     rng = np.random.default_rng((seed, step))
     starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
-    windows = np.asarray(
-        tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int32
-    )
+    windows = np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int32)
     return windows[:, :-1], windows[:, 1:]
 
 
-def eval_windows(
-    tokens: np.ndarray, seq_len: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def eval_windows(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Contiguous non-overlapping windows covering the whole split.
 
     Window `i` has inputs `tokens[i*T : i*T+T]` and targets `tokens[i*T+1 : i*T+T+1]`, so
@@ -411,10 +388,7 @@ def eval_batches(
         x, y, w = (a[start : start + batch_size] for a in (inputs, targets, weights))
         pad = batch_size - len(x)
         if pad:
-            x, y, w = (
-                np.concatenate([a, np.zeros((pad, seq_len), a.dtype)])
-                for a in (x, y, w)
-            )
+            x, y, w = (np.concatenate([a, np.zeros((pad, seq_len), a.dtype)]) for a in (x, y, w))
         yield x, y, w
 
 
@@ -425,9 +399,7 @@ def unigram_perplexity(train: np.ndarray, evaluate: np.ndarray) -> dict[str, flo
     `oracle`: the eval split's own unigram frequencies: no unigram model does better.
     """
     targets = np.asarray(evaluate[1:], dtype=np.int64)
-    counts = (
-        np.bincount(np.asarray(train, dtype=np.int64), minlength=GPT2_VOCAB_SIZE) + 1.0
-    )
+    counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=GPT2_VOCAB_SIZE) + 1.0
     log_p = np.log(counts / counts.sum())
     fitted = float(np.exp(-log_p[targets].mean()))
     own = np.bincount(targets, minlength=GPT2_VOCAB_SIZE).astype(np.float64)

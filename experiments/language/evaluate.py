@@ -48,9 +48,7 @@ def evaluate_checkpoint(
     (data location, `max_steps`, `tol`, `eval_batch_size`).
     """
     config = config_from_dict(Config, read_header(path)["config"])
-    config = dataclasses.replace(
-        config, **{k: v for k, v in overrides.items() if v is not None}
-    )
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     skeleton = eqx.filter_eval_shape(train.init_state, config)
     state, header = load_checkpoint(path, like=skeleton)
     splits = data.load_splits(
@@ -87,9 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", "--cache_dir", default=None)
     parser.add_argument("--max-steps", "--max_steps", type=int, default=None)
     parser.add_argument("--tol", type=float, default=None)
-    parser.add_argument(
-        "--eval-batch-size", "--eval_batch_size", type=int, default=None
-    )
+    parser.add_argument("--eval-batch-size", "--eval_batch_size", type=int, default=None)
     args = parser.parse_args(argv)
 
     workdir = pathlib.Path(args.workdir)

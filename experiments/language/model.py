@@ -57,9 +57,7 @@ def make_solver(config: Config):
         "broyden": lambda: rdeq.Broyden(),
     }
     if config.solver not in choices:
-        raise ValueError(
-            f"unknown solver {config.solver!r}; choose from {sorted(choices)}"
-        )
+        raise ValueError(f"unknown solver {config.solver!r}; choose from {sorted(choices)}")
     return choices[config.solver]()
 
 
@@ -74,9 +72,7 @@ def make_adjoint(config: Config):
         "phantom": lambda: rdeq.PhantomAdjoint(),
     }
     if config.adjoint not in choices:
-        raise ValueError(
-            f"unknown adjoint {config.adjoint!r}; choose from {sorted(choices)}"
-        )
+        raise ValueError(f"unknown adjoint {config.adjoint!r}; choose from {sorted(choices)}")
     return choices[config.adjoint]()
 
 
@@ -107,9 +103,7 @@ class Head(eqx.Module):
     weight: Float[Array, "vocab dim"]
     compute_dtype: object = eqx.field(static=True)
 
-    def __init__(
-        self, vocab: int, dim: int, *, key: PRNGKeyArray, dtype, compute_dtype
-    ):
+    def __init__(self, vocab: int, dim: int, *, key: PRNGKeyArray, dtype, compute_dtype):
         self.norm = eqx.nn.LayerNorm(dim, dtype=dtype)
         self.weight = 0.02 * jax.random.normal(key, (vocab, dim), dtype)
         self.compute_dtype = compute_dtype
@@ -137,9 +131,7 @@ class DEQTransformerLM(eqx.Module):
     def __init__(self, config: Config, *, key: PRNGKeyArray):
         dtype, compute = _dtype(config.param_dtype), _dtype(config.compute_dtype)
         k1, k2, k3 = jax.random.split(key, 3)
-        self.embed = Embedding(
-            PADDED_VOCAB_SIZE, config.seq_len, config.dim, key=k1, dtype=dtype
-        )
+        self.embed = Embedding(PADDED_VOCAB_SIZE, config.seq_len, config.dim, key=k1, dtype=dtype)
         layer = EquilibriumTransformerLayer(
             config.dim,
             config.num_heads,
@@ -197,9 +189,7 @@ class ExplicitTransformerLM(eqx.Module):
     def __init__(self, config: Config, *, key: PRNGKeyArray):
         dtype, compute = _dtype(config.param_dtype), _dtype(config.compute_dtype)
         k1, k2, k3 = jax.random.split(key, 3)
-        self.embed = Embedding(
-            PADDED_VOCAB_SIZE, config.seq_len, config.dim, key=k1, dtype=dtype
-        )
+        self.embed = Embedding(PADDED_VOCAB_SIZE, config.seq_len, config.dim, key=k1, dtype=dtype)
         self.layers = tuple(
             EquilibriumTransformerLayer(
                 config.dim,
@@ -243,9 +233,7 @@ class ExplicitTransformerLM(eqx.Module):
         return self.head(z), {"nfe": jnp.asarray(len(self.layers), jnp.int32)}
 
 
-def make_model(
-    config: Config, *, key: PRNGKeyArray
-) -> DEQTransformerLM | ExplicitTransformerLM:
+def make_model(config: Config, *, key: PRNGKeyArray) -> DEQTransformerLM | ExplicitTransformerLM:
     if config.model == "deq":
         return DEQTransformerLM(config, key=key)
     if config.model == "explicit":
@@ -272,9 +260,7 @@ def lm_loss(
     exactly) and the solver statistics averaged over the batch's sequences.
     """
     keys = None if key is None else jax.random.split(key, inputs.shape[0])
-    logits, stats = jax.vmap(lambda ids, k: model(ids, key=k, inference=inference))(
-        inputs, keys
-    )
+    logits, stats = jax.vmap(lambda ids, k: model(ids, key=k, inference=inference))(inputs, keys)
     nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets)
     if weights is None:
         weights = jnp.ones(nll.shape, nll.dtype)

@@ -79,13 +79,9 @@ def make_train_step(config: Config):
         def loss_fn(model):
             return lm_loss(model, inputs, targets, key=key)
 
-        (loss, stats), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
-            state.model
-        )
+        (loss, stats), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(state.model)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        metrics.update(
-            {k: v for k, v in stats.items() if k not in ("nll_sum", "num_tokens")}
-        )
+        metrics.update({k: v for k, v in stats.items() if k not in ("nll_sum", "num_tokens")})
         return state.apply_gradients(grads, optimizer), metrics
 
     return train_step
@@ -97,9 +93,7 @@ def eval_step(model, inputs, targets, weights) -> dict:
     return lm_loss(model, inputs, targets, weights, inference=True)[1]
 
 
-def make_evaluator(
-    config: Config, tokens: np.ndarray, *, max_tokens: int | None = None
-):
+def make_evaluator(config: Config, tokens: np.ndarray, *, max_tokens: int | None = None):
     """`evaluate(model) -> {"loss", "ppl", "tokens", "nfe", "residual", ...}` over contiguous
     non-overlapping windows of `tokens` (the whole split unless `max_tokens`): each token but
     the first is predicted exactly once, so `ppl = exp(loss)` is the split's perplexity."""
@@ -253,9 +247,7 @@ def resolve_config(argv: list[str]) -> tuple[Config, pathlib.Path, bool]:
     parser.add_argument("--resume", action="store_true")
     run, rest = parser.parse_known_args(argv)
     config, overrides = parse_config(CONFIGS, rest, default="small")
-    name = next(
-        (a.split("=", 1)[1] for a in rest if a.startswith("--config=")), "small"
-    )
+    name = next((a.split("=", 1)[1] for a in rest if a.startswith("--config=")), "small")
     workdir = pathlib.Path(run.workdir or f"runs/wikitext-{name}")
     latest = CheckpointManager(workdir).latest_path()
     if run.resume and latest is not None:

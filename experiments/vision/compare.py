@@ -78,9 +78,7 @@ RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 
 @dataclasses.dataclass(frozen=True)
 class CompareConfig:
-    base: str = (
-        "small"  # training setup shared by all models (a name in configs.CONFIGS)
-    )
+    base: str = "small"  # training setup shared by all models (a name in configs.CONFIGS)
     models: tuple[str, ...] = tuple(MODELS)  # which entries of MODELS to run
     train_steps: int = -1  # -1: the base config's; 0: use its epochs
     data_dir: str = ""
@@ -120,9 +118,7 @@ def compiled_memory(config: Config, dataset: vdata.CIFAR10) -> int | None:
     )
 
 
-def summarise(
-    name: str, config: Config, workdir: pathlib.Path, memory: int | None
-) -> dict:
+def summarise(name: str, config: Config, workdir: pathlib.Path, memory: int | None) -> dict:
     records = read_metrics(workdir)
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
@@ -150,9 +146,7 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def write_report(
-    rows: list[dict], cfg: CompareConfig, base: Config, n_test: int
-) -> pathlib.Path:
+def write_report(rows: list[dict], cfg: CompareConfig, base: Config, n_test: int) -> pathlib.Path:
     out = pathlib.Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = rows[0]["steps"] if rows else 0
@@ -184,13 +178,9 @@ def write_report(
     md = out / "compare.md"
     md.write_text("\n".join(lines))
     (out / "compare.json").write_text(
-        json.dumps(
-            [{k: v for k, v in r.items() if k != "train_loss"} for r in rows], indent=2
-        )
+        json.dumps([{k: v for k, v in r.items() if k != "train_loss"} for r in rows], indent=2)
     )
-    series = {
-        r["label"]: tuple(map(list, zip(*r["curve"]))) for r in rows if r["curve"]
-    }
+    series = {r["label"]: tuple(map(list, zip(*r["curve"]))) for r in rows if r["curve"]}
     plot_series(
         series,  # pyright: ignore[reportArgumentType]
         out / "compare_curves.png",

@@ -37,9 +37,7 @@ class Config:
     beta: float = 0.8  # relaxation of the reversible / relaxed solver
     tol: float = 1e-3  # relative-residual stopping tolerance
     mixed_precision: bool = False  # reversible state in float64 (scoped x64)
-    implicit_tol: float = (
-        1e-4  # ImplicitAdjoint linear-solve tolerance (DEQ-IFT baseline)
-    )
+    implicit_tol: float = 1e-4  # ImplicitAdjoint linear-solve tolerance (DEQ-IFT baseline)
     implicit_steps: int = 20  # ImplicitAdjoint linear-solve max steps
     bn_momentum: float = 0.9  # BatchNorm running stats: new = m * old + (1 - m) * batch
     resnet_width: int = 64  # ResNet-18 base width (64: 11.2M params; 8: 175K)
@@ -48,9 +46,7 @@ class Config:
     ode_solver: str = "tsit5"  # euler, heun, tsit5, dopri5
     ode_steps: int = 0  # fixed ODE steps; 0 = adaptive (rtol = atol = 1e-3)
     # --- data --------------------------------------------------------------------------
-    data_dir: str = (
-        ""  # CIFAR-10 folder/archive; "" = $REVDEQ_CIFAR_DIR, shared sample, cache
-    )
+    data_dir: str = ""  # CIFAR-10 folder/archive; "" = $REVDEQ_CIFAR_DIR, shared sample, cache
     download: bool = True  # download the official archive if nothing is found
     train_size: int = 0  # use the first N training images (0 = all)
     test_size: int = 0  # evaluate on the first N test images (0 = all)
@@ -58,9 +54,7 @@ class Config:
     # --- optimisation ------------------------------------------------------------------
     batch_size: int = 64
     epochs: float = 100.0  # training length in epochs (used when train_steps == 0)
-    train_steps: int = (
-        0  # training length in optimiser steps (overrides epochs when > 0)
-    )
+    train_steps: int = 0  # training length in optimiser steps (overrides epochs when > 0)
     lr: float = 1e-3  # initial (plateau) or peak (cosine) learning rate
     weight_decay: float = 1e-4  # decoupled weight decay (AdamW)
     schedule: Literal["plateau", "cosine", "constant"] = "plateau"

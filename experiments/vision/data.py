@@ -129,9 +129,7 @@ class _BatchUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"unexpected object {module}.{name} in a CIFAR-10 batch"
-        )
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a CIFAR-10 batch")
 
 
 def _parse_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -189,8 +187,7 @@ def read_archive(path: str | os.PathLike) -> CIFAR10:
             if missing:
                 raise CIFAR10DataError(
                     f"{path} is incomplete: missing {', '.join(missing)} "
-                    f"(expected {BATCHES_DIR}/data_batch_1..5 and test_batch). "
-                    + _HOW_TO_GET
+                    f"(expected {BATCHES_DIR}/data_batch_1..5 and test_batch). " + _HOW_TO_GET
                 )
 
             def _read(name):
@@ -216,18 +213,14 @@ def read_batches_dir(path: str | os.PathLike) -> CIFAR10:
         raise CIFAR10DataError(
             f"{path} is incomplete: missing {', '.join(missing)}. " + _HOW_TO_GET
         )
-    train = _concat(
-        _parse_batch((path / n).read_bytes(), str(path / n)) for n in TRAIN_BATCHES
-    )
+    train = _concat(_parse_batch((path / n).read_bytes(), str(path / n)) for n in TRAIN_BATCHES)
     test = _parse_batch((path / TEST_BATCH).read_bytes(), str(path / TEST_BATCH))
     return CIFAR10(*train, *test, source=str(path))
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
-        raise CIFAR10DataError(
-            f"CIFAR-10 sample file not found: {path}. " + _HOW_TO_GET
-        )
+        raise CIFAR10DataError(f"CIFAR-10 sample file not found: {path}. " + _HOW_TO_GET)
     try:
         with open(path, "rb") as f, np.load(f, allow_pickle=False) as d:
             x, y = np.asarray(d["x"]), np.asarray(d["y"])
@@ -236,20 +229,13 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path} is corrupt: not a readable .npz with arrays `x` and `y` "
             f"({type(e).__name__}: {e}). " + _HOW_TO_GET
         ) from e
-    if (
-        x.dtype != np.uint8
-        or x.ndim != 4
-        or x.shape[1:] != IMAGE_SHAPE
-        or y.shape != x.shape[:1]
-    ):
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE or y.shape != x.shape[:1]:
         raise CIFAR10DataError(
             f"{path} is corrupt: expected x uint8 (N, 32, 32, 3) and y (N,), got "
             f"x {x.dtype} {x.shape}, y {y.shape}. " + _HOW_TO_GET
         )
     if y.size and (y.min() < 0 or y.max() >= NUM_CLASSES):
-        raise CIFAR10DataError(
-            f"{path} is corrupt: labels outside 0..9. " + _HOW_TO_GET
-        )
+        raise CIFAR10DataError(f"{path} is corrupt: labels outside 0..9. " + _HOW_TO_GET)
     return x, y.astype(np.int32)
 
 
@@ -300,14 +286,12 @@ def download_cifar10(
         got = file_md5(tmp)
         if got != md5:
             raise CIFAR10DataError(
-                f"download from {url} has md5 {got}, expected {md5}; not using it. "
-                + _HOW_TO_GET
+                f"download from {url} has md5 {got}, expected {md5}; not using it. " + _HOW_TO_GET
             )
         os.replace(tmp, dest)
     except OSError as e:  # URLError is an OSError
         raise CIFAR10DataError(
-            f"could not download CIFAR-10 from {url} ({type(e).__name__}: {e}). "
-            + _HOW_TO_GET
+            f"could not download CIFAR-10 from {url} ({type(e).__name__}: {e}). " + _HOW_TO_GET
         ) from e
     finally:
         if os.path.exists(tmp):
@@ -336,9 +320,7 @@ def _read_dir(path: Path) -> CIFAR10 | None:
     return None
 
 
-def load_cifar10(
-    data_dir: str | os.PathLike | None = None, *, download: bool = False
-) -> CIFAR10:
+def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = False) -> CIFAR10:
     """Find and read CIFAR-10 (see the module docstring for the search order).
 
     **Arguments:**
@@ -352,9 +334,7 @@ def load_cifar10(
     if explicit:
         path = Path(explicit).expanduser()
         if not path.exists() and not download:
-            raise CIFAR10DataError(
-                f"CIFAR-10 data folder not found: {path}. " + _HOW_TO_GET
-            )
+            raise CIFAR10DataError(f"CIFAR-10 data folder not found: {path}. " + _HOW_TO_GET)
         data = _read_dir(path) if path.exists() else None
         if data is not None:
             return data
@@ -362,8 +342,7 @@ def load_cifar10(
             return read_archive(download_cifar10(path))
         raise CIFAR10DataError(
             f"no CIFAR-10 data in {path}: looked for {ARCHIVE_NAME}, {BATCHES_DIR}/, "
-            f"data_batch_1..5 + test_batch, and {SAMPLE_TRAIN} + {SAMPLE_TEST}. "
-            + _HOW_TO_GET
+            f"data_batch_1..5 + test_batch, and {SAMPLE_TRAIN} + {SAMPLE_TEST}. " + _HOW_TO_GET
         )
     for candidate in (default_sample_dir(), CACHE_DIR):
         if candidate.is_dir():
@@ -420,9 +399,7 @@ class Batches:
     from `(seed, e)`, so `get(step)` depends only on `step` (exact resume). The incomplete last
     batch of an epoch is dropped."""
 
-    def __init__(
-        self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int
-    ):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
         if batch_size > len(images):
             raise ValueError(
                 f"`batch_size`={batch_size} is larger than the training set ({len(images)})."
@@ -436,9 +413,7 @@ class Batches:
         epoch, i = divmod(int(step), self.steps_per_epoch)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(
-                len(self.images)
-            )
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
         return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
 
     def get(self, step: int) -> dict[str, np.ndarray]:

@@ -45,9 +45,7 @@ class EvalConfig:
     batch_size: int = 0  # 0 = the run's eval_batch_size
 
 
-def load_run(
-    workdir: str | pathlib.Path, checkpoint: str = "latest"
-) -> tuple[Config, Any, dict]:
+def load_run(workdir: str | pathlib.Path, checkpoint: str = "latest") -> tuple[Config, Any, dict]:
     """`(config, state, header)` of a run's `latest.eqx`/`best.eqx`."""
     manager = CheckpointManager(workdir)
     path = {"latest": manager.latest_path, "best": manager.best_path}[checkpoint]()
@@ -74,9 +72,7 @@ def _with_max_steps(model: Any, max_steps: int) -> Any:
     deqs = _deqs(model)
     if not deqs:
         raise ValueError("`max_steps` given, but this model has no DEQ blocks.")
-    return eqx.tree_at(
-        _deqs, model, [dataclasses.replace(d, max_steps=max_steps) for d in deqs]
-    )
+    return eqx.tree_at(_deqs, model, [dataclasses.replace(d, max_steps=max_steps) for d in deqs])
 
 
 def evaluate_workdir(
@@ -117,9 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, _ = parse_config({"default": EvalConfig()}, argv, default="default")
     if not cfg.workdir:
-        raise SystemExit(
-            "--workdir=RUN_FOLDER is required (a folder written by the train script)"
-        )
+        raise SystemExit("--workdir=RUN_FOLDER is required (a folder written by the train script)")
     result = evaluate_workdir(
         cfg.workdir,
         checkpoint=cfg.checkpoint,

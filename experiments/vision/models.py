@@ -58,16 +58,12 @@ class BasicBlock(eqx.Module):
     def __init__(self, c_in: int, c_out: int, stride: int, *, momentum: float, key):
         k1, k2, k3 = jr.split(key, 3)
         bn = lambda c: eqx.nn.BatchNorm(c, "batch", momentum=momentum, mode="batch")
-        self.conv1 = eqx.nn.Conv2d(
-            c_in, c_out, 3, stride, padding=1, use_bias=False, key=k1
-        )
+        self.conv1 = eqx.nn.Conv2d(c_in, c_out, 3, stride, padding=1, use_bias=False, key=k1)
         self.norm1 = bn(c_out)
         self.conv2 = eqx.nn.Conv2d(c_out, c_out, 3, padding=1, use_bias=False, key=k2)
         self.norm2 = bn(c_out)
         if stride != 1 or c_in != c_out:
-            self.shortcut = eqx.nn.Conv2d(
-                c_in, c_out, 1, stride, use_bias=False, key=k3
-            )
+            self.shortcut = eqx.nn.Conv2d(c_in, c_out, 1, stride, use_bias=False, key=k3)
             self.shortcut_norm = bn(c_out)
         else:
             self.shortcut = self.shortcut_norm = None
@@ -101,9 +97,7 @@ class ResNet18(eqx.Module):
     ):
         k_stem, k_head, k_blocks = jr.split(key, 3)
         self.stem = eqx.nn.Conv2d(3, width, 3, padding=1, use_bias=False, key=k_stem)
-        self.stem_norm = eqx.nn.BatchNorm(
-            width, "batch", momentum=momentum, mode="batch"
-        )
+        self.stem_norm = eqx.nn.BatchNorm(width, "batch", momentum=momentum, mode="batch")
         specs, c_in = [], width
         for i, n in enumerate(blocks_per_stage):
             c_out = width * 2**i
@@ -112,8 +106,7 @@ class ResNet18(eqx.Module):
                 c_in = c_out
         keys = jr.split(k_blocks, len(specs))
         self.blocks = tuple(
-            BasicBlock(a, b, s, momentum=momentum, key=k)
-            for (a, b, s), k in zip(specs, keys)
+            BasicBlock(a, b, s, momentum=momentum, key=k) for (a, b, s), k in zip(specs, keys)
         )
         self.head = eqx.nn.Linear(c_in, num_classes, key=k_head)
 
@@ -253,9 +246,7 @@ class NeuralODEClassifier(eqx.Module):
 def make_solver(name: str, *, beta: float, mixed_precision: bool = False) -> Any:
     """Config string -> `revdeq_jax` solver."""
     if name == "reversible":
-        return rdeq.Reversible(
-            beta=beta, state_dtype=jnp.float64 if mixed_precision else None
-        )
+        return rdeq.Reversible(beta=beta, state_dtype=jnp.float64 if mixed_precision else None)
     if name == "relaxed":
         return rdeq.Relaxed(beta=beta)
     if name == "picard":
@@ -269,9 +260,7 @@ def make_solver(name: str, *, beta: float, mixed_precision: bool = False) -> Any
     )
 
 
-def make_adjoint(
-    name: str, *, implicit_tol: float = 1e-4, implicit_steps: int = 20
-) -> Any:
+def make_adjoint(name: str, *, implicit_tol: float = 1e-4, implicit_steps: int = 20) -> Any:
     """Config string -> `revdeq_jax` adjoint (gradient strategy)."""
     if name == "reversible":
         return rdeq.ReversibleAdjoint()
@@ -289,9 +278,7 @@ def make_adjoint(
     )
 
 
-def build_model(
-    config: Config, key: PRNGKeyArray, *, adjoint: Any = None
-) -> tuple[Any, Any]:
+def build_model(config: Config, key: PRNGKeyArray, *, adjoint: Any = None) -> tuple[Any, Any]:
     """`(model, state)` for `config` (state: `eqx.nn.State`). `adjoint` overrides the
     config's gradient strategy (used by the gradient-exactness test)."""
     if config.model in ("implicit-resnet", "single-scale"):
@@ -347,6 +334,4 @@ def build_model(
 
 def to_dtype(tree: Any, dtype: Any) -> Any:
     """Cast every floating array leaf of `tree` (a model or a state) to `dtype`."""
-    return jax.tree.map(
-        lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree
-    )
+    return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)

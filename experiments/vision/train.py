@@ -73,9 +73,7 @@ def make_optimizer(
             clip_norm=config.grad_clip if config.grad_clip > 0 else None,
         )
         schedule = warmup_cosine(config.lr, warmup_steps=warmup, total_steps=steps)
-        return optax.with_extra_args_support(opt), lambda opt_state, step: schedule(
-            step
-        )
+        return optax.with_extra_args_support(opt), lambda opt_state, step: schedule(step)
     adamw = optax.adamw(config.lr, weight_decay=config.weight_decay, mask=_matrices)
     if config.schedule == "constant":
         opt = optax.with_extra_args_support(optax.chain(*clip, adamw))
@@ -92,18 +90,14 @@ def make_optimizer(
         )
         opt = optax.chain(*clip, adamw, plateau)
         return opt, lambda opt_state, step: config.lr * plateau_scale(opt_state)
-    raise ValueError(
-        f"unknown `schedule`={config.schedule!r}; choose plateau, cosine, constant."
-    )
+    raise ValueError(f"unknown `schedule`={config.schedule!r}; choose plateau, cosine, constant.")
 
 
 def plateau_scale(opt_state) -> jax.Array:
     """The reduce-on-plateau learning-rate multiplier held in `opt_state`."""
     found = [
         s
-        for s in jax.tree.leaves(
-            opt_state, is_leaf=lambda s: isinstance(s, ReduceLROnPlateauState)
-        )
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, ReduceLROnPlateauState))
         if isinstance(s, ReduceLROnPlateauState)
     ]
     if len(found) != 1:
@@ -141,18 +135,14 @@ def make_train_step(
 
         def loss_fn(model, model_state):
             logits, model_state, stats = _forward(model, model_state, x)
-            loss = optax.softmax_cross_entropy_with_integer_labels(
-                logits, labels
-            ).mean()
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return loss, (model_state, logits, stats)
 
         (loss, (model_state, logits, stats)), grads = eqx.filter_value_and_grad(
             loss_fn, has_aux=True
         )(state.model, state.model_state)
         params = eqx.filter(state.model, eqx.is_inexact_array)
-        updates, opt_state = optimizer.update(
-            grads, state.opt_state, params, value=loss
-        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, params, value=loss)
         model = eqx.apply_updates(state.model, updates)
         metrics = {
             "loss": loss,
@@ -182,18 +172,11 @@ def eval_step(model, model_state, images, labels, valid):
         "loss": jnp.sum(jnp.where(mask, losses, 0.0)),
         "correct": jnp.sum(jnp.where(mask, jnp.argmax(logits, -1) == labels, False)),
     }
-    out.update(
-        {
-            k: jnp.sum(jnp.where(mask, v.astype(jnp.float32), 0.0))
-            for k, v in stats.items()
-        }
-    )
+    out.update({k: jnp.sum(jnp.where(mask, v.astype(jnp.float32), 0.0)) for k, v in stats.items()})
     return out
 
 
-def evaluate_model(
-    model, model_state, images, labels, batch_size: int
-) -> dict[str, float]:
+def evaluate_model(model, model_state, images, labels, batch_size: int) -> dict[str, float]:
     """Test-set loss, accuracy and mean solver statistics, with BatchNorm in inference mode."""
     model = eqx.nn.inference_mode(model)
     totals: dict[str, float] = {}
@@ -255,9 +238,7 @@ def train_and_evaluate(
         f"{len(dataset.x_test)} test images; {steps} steps of {config.batch_size} images",
         flush=True,
     )
-    batches = vdata.Batches(
-        dataset.x_train, dataset.y_train, config.batch_size, config.seed
-    )
+    batches = vdata.Batches(dataset.x_train, dataset.y_train, config.batch_size, config.seed)
     # Data parallel over all devices. On one device, placing the state with an explicit
     # sharding only makes the second step recompile (its outputs come back unsharded).
     mesh = make_mesh() if jax.device_count() > 1 else None

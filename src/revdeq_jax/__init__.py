@@ -5,6 +5,7 @@ Exact gradients through fixed-point solves, in memory that does not grow with de
 
 import importlib.metadata
 
+from . import nn as nn
 from ._adjoint import (
     AbstractAdjoint as AbstractAdjoint,
     CheckpointAdjoint as CheckpointAdjoint,
@@ -27,7 +28,6 @@ from ._solver import (
     Relaxed as Relaxed,
     Reversible as Reversible,
 )
-from . import nn as nn
 from .nn import DEQ as DEQ
 
 

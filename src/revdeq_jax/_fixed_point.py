@@ -9,11 +9,11 @@ import jax.tree_util as jtu
 from jaxtyping import PyTree
 
 from ._adjoint.base import AbstractAdjoint
-from ._adjoint.reversible import ReversibleAdjoint, initial_state_deviation
+from ._adjoint.reversible import initial_state_deviation, ReversibleAdjoint
 from ._custom_types import Args, Fn, Z
 from ._iterate import iterate
-from ._precision import UserFn, check_state_dtype_for, state_scope, x64_enabled
-from ._solution import RESULTS, Solution, classify
+from ._precision import check_state_dtype_for, state_scope, UserFn, x64_enabled
+from ._solution import classify, RESULTS, Solution
 from ._solver.base import AbstractReversibleSolver, AbstractSolver
 from ._solver.reversible import Reversible
 
@@ -22,8 +22,7 @@ def check_options(solver, adjoint, max_steps, tol) -> None:
     """Trace-time checks of the options shared by every entry point."""
     if not isinstance(solver, AbstractSolver):
         raise TypeError(
-            f"`solver` must be a revdeq_jax solver such as `Reversible(beta=0.5)`, got "
-            f"{solver!r}."
+            f"`solver` must be a revdeq_jax solver such as `Reversible(beta=0.5)`, got {solver!r}."
         )
     if adjoint is not None and not isinstance(adjoint, AbstractAdjoint):
         raise TypeError(
@@ -31,9 +30,7 @@ def check_options(solver, adjoint, max_steps, tol) -> None:
             f"{adjoint!r}."
         )
     if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral):
-        raise TypeError(
-            f"`max_steps` must be a Python int, got {type(max_steps).__name__}."
-        )
+        raise TypeError(f"`max_steps` must be a Python int, got {type(max_steps).__name__}.")
     if max_steps < 1:
         raise ValueError(f"`max_steps={max_steps}` must be at least 1.")
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real):

@@ -69,9 +69,7 @@ def tree_is_finite(tree: PyTree) -> Array:
 
 def zeros_like_inexact(tree: PyTree) -> PyTree:
     """Zeros for each inexact array leaf, `None` for every other leaf."""
-    return jtu.tree_map(
-        lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else None, tree
-    )
+    return jtu.tree_map(lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else None, tree)
 
 
 def materialise(ct: PyTree | None, like: PyTree) -> PyTree:
@@ -106,9 +104,7 @@ def inexact_dtype(tree: PyTree) -> Any:
 
 
 def stop_gradient_inexact(tree: PyTree) -> PyTree:
-    return jtu.tree_map(
-        lambda x: jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x, tree
-    )
+    return jtu.tree_map(lambda x: jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x, tree)
 
 
 def tree_scale(a: float, tree: PyTree) -> PyTree:

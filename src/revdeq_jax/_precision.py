@@ -45,7 +45,7 @@ def check_state_dtype(state_dtype: Any) -> Any:
     except TypeError as e:
         raise ValueError(
             f"`state_dtype={state_dtype!r}` is not a dtype. Use `None` (the dtype of "
-            "`z0`), `jnp.float32`, `jnp.float64` or `\"float32x2\"` (two-float)."
+            '`z0`), `jnp.float32`, `jnp.float64` or `"float32x2"` (two-float).'
         ) from e
     if dtype not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
         raise ValueError(
@@ -77,7 +77,7 @@ def check_state_dtype_for(state_dtype: Any, z0: PyTree) -> None:
         if backend not in ("cpu", "gpu", "cuda", "rocm", "tpu"):
             raise ValueError(
                 f"`state_dtype=float64` cannot be honoured on the `{backend}` backend, "
-                "which has no 64-bit floats. Use `state_dtype=\"float32x2\"` (two-float "
+                'which has no 64-bit floats. Use `state_dtype="float32x2"` (two-float '
                 "arithmetic in float32 pairs, ~48 bits) instead."
             )
 

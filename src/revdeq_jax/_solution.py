@@ -21,9 +21,7 @@ class RESULTS(eqx.Enumeration):
     )
 
 
-def classify(
-    converged: Bool[Array, ""], finite: Bool[Array, ""], tol: float
-) -> RESULTS:
+def classify(converged: Bool[Array, ""], finite: Bool[Array, ""], tol: float) -> RESULTS:
     """Result code from the final convergence and finiteness flags.
 
     With `tol == 0` the user asked for exactly `max_steps` steps, so running out of steps

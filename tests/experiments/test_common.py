@@ -54,17 +54,10 @@ def _leaves_equal(a, b) -> bool:
     lb, tb = jax.tree.flatten(eqx.filter(b, eqx.is_array))
     if ta != tb or len(la) != len(lb):
         return False
-    la = [
-        jr.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
-        for x in la
-    ]
-    lb = [
-        jr.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
-        for x in lb
-    ]
+    la = [jr.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x for x in la]
+    lb = [jr.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x for x in lb]
     return all(
-        x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
-        for x, y in zip(la, lb)
+        x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
     )
 
 
@@ -133,9 +126,7 @@ def test_parse_config_converts_types(capsys):
 
 
 def test_parse_config_default_and_none(capsys):
-    config, overrides = parse_config(
-        _REGISTRY, ["--dropout=none", "--steps=1e3"], default="small"
-    )
+    config, overrides = parse_config(_REGISTRY, ["--dropout=none", "--steps=1e3"], default="small")
     assert config == _Cfg(dropout=None, steps=1000)
     assert overrides == {"dropout": None, "steps": 1000}
     config, overrides = parse_config(_REGISTRY, [], default="tiny")
@@ -162,9 +153,7 @@ def test_parse_config_unknown_key_suggests():
         match=r"unknown config key 'lrr'.*Did you mean 'lr'\?.*Valid keys: lr, steps",
     ):
         parse_config(_REGISTRY, ["--lrr=1e-3"], default="small")
-    with pytest.raises(
-        ValueError, match=r"unknown config 'tinyy'.*Did you mean 'tiny'"
-    ):
+    with pytest.raises(ValueError, match=r"unknown config 'tinyy'.*Did you mean 'tiny'"):
         parse_config(_REGISTRY, ["--config=tinyy"], default="small")
 
 
@@ -207,12 +196,8 @@ def test_config_json_round_trip():
     back = config_from_dict(_Cfg, d)
     assert back == config
     assert type(back.widths) is tuple and type(back.pair[1]) is float
-    assert config_from_dict(_Cfg, {"steps": 5}) == _Cfg(
-        steps=5
-    )  # missing keys take defaults
-    with pytest.raises(
-        ValueError, match=r"unknown keys \['stepz'\].*Did you mean 'steps'"
-    ):
+    assert config_from_dict(_Cfg, {"steps": 5}) == _Cfg(steps=5)  # missing keys take defaults
+    with pytest.raises(ValueError, match=r"unknown keys \['stepz'\].*Did you mean 'steps'"):
         config_from_dict(_Cfg, {"stepz": 5})
     with pytest.raises(ValueError, match="steps: expected int"):
         config_from_dict(_Cfg, {"steps": "5"})
@@ -230,9 +215,7 @@ def _mlp_and_adamw(key):
     params = eqx.filter(model, eqx.is_inexact_array)
     opt_state = optimizer.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
-    updates, opt_state = optimizer.update(
-        grads, opt_state, params
-    )  # non-zero moments, count = 1
+    updates, opt_state = optimizer.update(grads, opt_state, params)  # non-zero moments, count = 1
     return eqx.apply_updates(model, updates), opt_state
 
 
@@ -260,31 +243,21 @@ def test_checkpoint_round_trip_bit_exact(tmp_path):
     assert loaded_header == header == read_header(path)
     assert _leaves_equal(loaded, tree)
     counts = [
-        x
-        for x in jax.tree.leaves(loaded["opt_state"])
-        if jnp.issubdtype(x.dtype, jnp.integer)
+        x for x in jax.tree.leaves(loaded["opt_state"]) if jnp.issubdtype(x.dtype, jnp.integer)
     ]
     assert counts and all(int(c) == 1 for c in counts)
     assert np.array_equal(jr.key_data(loaded["key"]), jr.key_data(tree["key"]))
-    assert sorted(p.name for p in path.parent.iterdir()) == [
-        "ckpt.eqx"
-    ]  # no temp files left
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.eqx"]  # no temp files left
 
 
 def test_checkpoint_round_trip_batchnorm_state(tmp_path):
-    model, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
-        4, axis_name="batch", mode="ema"
-    )
+    model, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(4, axis_name="batch", mode="ema")
     x = jr.normal(jr.key(0), (16, 4)) * 3.0 + 1.0
-    _, state = jax.vmap(
-        model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
-    )(x, state)
+    _, state = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
     train_state = TrainState(model=model, opt_state=(), step=5, model_state=state)
     save_checkpoint(tmp_path / "bn.eqx", train_state, {"step": 5})
 
-    _, fresh_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
-        4, axis_name="batch", mode="ema"
-    )
+    _, fresh_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(4, axis_name="batch", mode="ema")
     like = TrainState(model=model, opt_state=(), step=0, model_state=fresh_state)
     assert not _leaves_equal(like, train_state)  # the running statistics moved
     loaded, _ = load_checkpoint(tmp_path / "bn.eqx", like)
@@ -328,10 +301,7 @@ def test_checkpoint_manager(tmp_path):
     manager = CheckpointManager(tmp_path / "run")
     assert manager.latest_path() is None and manager.best_path() is None
     manager.save({"w": jnp.ones(2)}, {"step": 1})
-    assert (
-        manager.latest_path() == tmp_path / "run" / "latest.eqx"
-        and manager.best_path() is None
-    )
+    assert manager.latest_path() == tmp_path / "run" / "latest.eqx" and manager.best_path() is None
     manager.save({"w": jnp.full(2, 2.0)}, {"step": 2}, best=True)
     manager.save({"w": jnp.full(2, 3.0)}, {"step": 3})
     assert read_header(manager.latest_path())["step"] == 3
@@ -441,9 +411,7 @@ def test_plots_are_pngs(tmp_path):
 def test_warmup_cosine_schedule():
     schedule = warmup_cosine(1.0, warmup_steps=4, total_steps=12, final_lr_ratio=0.1)
     values = [float(schedule(i)) for i in (0, 2, 4, 8, 12, 20)]
-    np.testing.assert_allclose(
-        values, [0.0, 0.5, 1.0, 0.55, 0.1, 0.1], rtol=1e-6, atol=1e-7
-    )
+    np.testing.assert_allclose(values, [0.0, 0.5, 1.0, 0.55, 0.1, 0.1], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="warmup_steps"):
         warmup_cosine(1.0, warmup_steps=13, total_steps=12)
 
@@ -457,9 +425,7 @@ def test_adamw_cosine_decays_matrices_only_and_clips():
     assert np.array_equal(updates["b"], np.zeros(2))
 
     big = {"w": jnp.full((2, 2), 1e3), "b": jnp.full(2, 1e3)}
-    clipped = adamw_cosine(
-        0.5, warmup_steps=0, total_steps=10, weight_decay=0.0, clip_norm=1.0
-    )
+    clipped = adamw_cosine(0.5, warmup_steps=0, total_steps=10, weight_decay=0.0, clip_norm=1.0)
     free = adamw_cosine(0.5, warmup_steps=0, total_steps=10, weight_decay=0.0)
     state_c, state_f = clipped.init(params), free.init(params)
     _, state_c = clipped.update(big, state_c, params)
@@ -479,9 +445,7 @@ def test_count_params():
         name: str = "x"
 
     model = _WithInts(eqx.nn.Linear(3, 4, key=jr.key(0)), jnp.arange(10))
-    assert (
-        count_params(model) == 3 * 4 + 4
-    )  # the int table and the string are not parameters
+    assert count_params(model) == 3 * 4 + 4  # the int table and the string are not parameters
 
 
 # ======================================================================================
@@ -507,9 +471,7 @@ _OPTIMIZER = optax.adam(3e-2)
 def _train_step(state: TrainState, batch, key):
     dtype = state.model.weight.dtype
     x, y = (jnp.asarray(a, dtype) for a in batch)
-    x = x + 0.01 * jr.normal(
-        key, x.shape, dtype
-    )  # uses the per-step key, so resume must replay it
+    x = x + 0.01 * jr.normal(key, x.shape, dtype)  # uses the per-step key, so resume must replay it
 
     def _loss(model):
         return jnp.mean((jax.vmap(model)(x) - y) ** 2)
@@ -593,9 +555,7 @@ def test_loop_resume_is_exact(tmp_path, capsys):
     assert [r["step"] for r in records if r["split"] == "val"] == [4, 6, 8, 12]
     assert all(r["nfe"] == 4 for r in records if r["split"] == "train")
     timed = [r for r in records if "ms_per_step" in r]
-    assert timed and all(
-        r["ms_per_step"] > 0 and r["examples_per_s"] > 0 for r in timed
-    )
+    assert timed and all(r["ms_per_step"] > 0 and r["examples_per_s"] > 0 for r in timed)
     assert "ms_per_step" not in records[0]  # step 2: compilation, not timed
 
     assert json.loads((tmp_path / "split" / "config.json").read_text()) == {
@@ -628,9 +588,7 @@ def test_loop_resume_after_crash_and_interrupt(tmp_path):
         OSError, match="went away"
     ):  # no evaluation: it would also save on improvement
         _run(tmp_path / "crash", 12, get_batch=_crashing_batch, evaluate=None)
-    assert (
-        read_header(tmp_path / "crash" / "latest.eqx")["step"] == 6
-    )  # checkpoint_every=3
+    assert read_header(tmp_path / "crash" / "latest.eqx")["step"] == 6  # checkpoint_every=3
     assert (
         max(r["step"] for r in read_metrics(tmp_path / "crash")) == 8
     )  # logged past the checkpoint
@@ -642,14 +600,10 @@ def test_loop_resume_after_crash_and_interrupt(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "crash", 12, resume=True, get_batch=_interrupting_batch)
-    assert (
-        read_header(tmp_path / "crash" / "latest.eqx")["step"] == 10
-    )  # saved on interrupt
+    assert read_header(tmp_path / "crash" / "latest.eqx")["step"] == 10  # saved on interrupt
     resumed = _run(tmp_path / "crash", 12, resume=True)
     assert _leaves_equal(resumed, full)
-    train_steps = [
-        r["step"] for r in read_metrics(tmp_path / "crash") if r["split"] == "train"
-    ]
+    train_steps = [r["step"] for r in read_metrics(tmp_path / "crash") if r["split"] == "train"]
     assert train_steps == [
         2,
         4,
@@ -665,9 +619,7 @@ def test_loop_non_finite_loss(tmp_path, log_every, caught_at):
     def _nan_batch(step):
         return _get_batch(step, nan_from=7)
 
-    with pytest.raises(
-        NonFiniteLossError, match=rf"at step {caught_at}.*still holds step 5"
-    ):
+    with pytest.raises(NonFiniteLossError, match=rf"at step {caught_at}.*still holds step 5"):
         _run(
             tmp_path,
             20,

@@ -39,9 +39,7 @@ def _slice_dir(tmp_path, lines: int = 60) -> pathlib.Path:
     out.mkdir(parents=True)
     for name in ("wiki.valid.raw", "wiki.test.raw"):
         text = (WIKITEXT / name).read_text(encoding="utf-8")
-        (out / name).write_text(
-            "".join(text.splitlines(keepends=True)[:lines]), encoding="utf-8"
-        )
+        (out / name).write_text("".join(text.splitlines(keepends=True)[:lines]), encoding="utf-8")
     return out
 
 
@@ -65,25 +63,17 @@ def test_tokenise_real_slice_and_cache(tmp_path, enc, monkeypatch):
         tokenizer_dir=GPT2,
         cache_dir=cache,
     )
-    valid = enc.encode_ordinary(
-        (directory / "wiki.valid.raw").read_text(encoding="utf-8")
-    )
-    test = enc.encode_ordinary(
-        (directory / "wiki.test.raw").read_text(encoding="utf-8")
-    )
+    valid = enc.encode_ordinary((directory / "wiki.valid.raw").read_text(encoding="utf-8"))
+    test = enc.encode_ordinary((directory / "wiki.test.raw").read_text(encoding="utf-8"))
     # valid-as-train: train is the head of wiki.valid, val its held-out tail, test wiki.test
     np.testing.assert_array_equal(np.concatenate([splits.train, splits.val]), valid)
     np.testing.assert_array_equal(splits.test, test)
     assert len(splits.val) == round(0.25 * len(valid))
-    assert enc.decode(valid) == (directory / "wiki.valid.raw").read_text(
-        encoding="utf-8"
-    )
+    assert enc.decode(valid) == (directory / "wiki.valid.raw").read_text(encoding="utf-8")
     assert len(list(cache.glob("*.npy"))) == 2
 
     # Second load comes from the cache: tokenisation must not run again.
-    monkeypatch.setattr(
-        data, "encode", lambda *a: pytest.fail("re-tokenised despite the cache")
-    )
+    monkeypatch.setattr(data, "encode", lambda *a: pytest.fail("re-tokenised despite the cache"))
     again = data.load_splits(
         data_dir=directory,
         splits="valid-as-train",
@@ -97,9 +87,7 @@ def test_tokenise_real_slice_and_cache(tmp_path, enc, monkeypatch):
 @needs_data
 def test_full_valid_token_count(enc):
     tokens = data.encode((WIKITEXT / "wiki.valid.raw").read_text(encoding="utf-8"), enc)
-    assert (
-        tokens.dtype == np.uint16 and len(tokens) == 249_887
-    )  # as in shared/data's README
+    assert tokens.dtype == np.uint16 and len(tokens) == 249_887  # as in shared/data's README
 
 
 @needs_data
@@ -108,14 +96,10 @@ def test_train_batches_shift_and_determinism(enc):
     tokens = data.encode(text, enc)
     x, y = data.get_batch(tokens, 7, batch_size=4, seq_len=32, seed=0)
     assert x.shape == y.shape == (4, 32) and x.dtype == np.int32
-    np.testing.assert_array_equal(
-        x[:, 1:], y[:, :-1]
-    )  # targets are inputs shifted by one
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
     for row_x, row_y in zip(x, y):  # each row is a real window of the token stream
         start = next(
-            i
-            for i in range(len(tokens) - 32)
-            if np.array_equal(tokens[i : i + 32], row_x)
+            i for i in range(len(tokens) - 32) if np.array_equal(tokens[i : i + 32], row_x)
         )
         np.testing.assert_array_equal(tokens[start + 1 : start + 33], row_y)
     x2, y2 = data.get_batch(tokens, 7, batch_size=4, seq_len=32, seed=0)
@@ -156,18 +140,14 @@ def test_unigram_perplexity_oracle_le_fitted():
 def test_missing_data_file_error(tmp_path):
     directory = _slice_dir(tmp_path)
     (directory / "wiki.test.raw").unlink()
-    with pytest.raises(
-        data.DataError, match=r"wiki\.test\.raw missing in .*--data-dir"
-    ):
+    with pytest.raises(data.DataError, match=r"wiki\.test\.raw missing in .*--data-dir"):
         data.load_splits(
             data_dir=directory,
             splits="valid-as-train",
             tokenizer_dir=GPT2,
             cache_dir=tmp_path,
         )
-    with pytest.raises(
-        data.DataError, match=r"wiki\.train\.raw.*missing.*--splits=valid-as-train"
-    ):
+    with pytest.raises(data.DataError, match=r"wiki\.train\.raw.*missing.*--splits=valid-as-train"):
         data.load_splits(
             data_dir=_slice_dir(tmp_path / "b"),
             splits="standard",
@@ -175,9 +155,7 @@ def test_missing_data_file_error(tmp_path):
             cache_dir=tmp_path,
         )
     with pytest.raises(data.DataError, match="does not exist"):
-        data.load_splits(
-            data_dir=tmp_path / "nowhere", tokenizer_dir=GPT2, cache_dir=tmp_path
-        )
+        data.load_splits(data_dir=tmp_path / "nowhere", tokenizer_dir=GPT2, cache_dir=tmp_path)
 
 
 @needs_data
@@ -209,9 +187,7 @@ def test_missing_and_corrupt_tokenizer_error(tmp_path):
     tok = tmp_path / "gpt2"
     tok.mkdir()
     shutil.copy(GPT2 / "vocab.bpe", tok / "vocab.bpe")
-    with pytest.raises(
-        data.DataError, match=r"encoder\.json is missing.*--tokenizer-dir"
-    ):
+    with pytest.raises(data.DataError, match=r"encoder\.json is missing.*--tokenizer-dir"):
         data.load_tokenizer(tok)
     (tok / "encoder.json").write_bytes((GPT2 / "encoder.json").read_bytes()[:1000])
     with pytest.raises(data.DataError, match=r"encoder\.json is corrupt \(sha256"):
@@ -220,9 +196,7 @@ def test_missing_and_corrupt_tokenizer_error(tmp_path):
 
 @needs_data
 def test_cli_reports_data_error_without_traceback(tmp_path, capsys):
-    with pytest.raises(
-        SystemExit, match=r"^error: WikiText directory .* does not exist"
-    ):
+    with pytest.raises(SystemExit, match=r"^error: WikiText directory .* does not exist"):
         train.main(
             [
                 "--config=tiny",
@@ -245,9 +219,7 @@ def test_layer_is_causal_and_dropout_mask_is_fixed(getkey):
     z, x = jax.random.normal(getkey(), (2, 6, 16))
     x_future = x.at[-1].add(1.0)
     out, out_future = layer(z, x), layer(z, x_future)
-    np.testing.assert_array_equal(
-        out[:-1], out_future[:-1]
-    )  # the past cannot see the future
+    np.testing.assert_array_equal(out[:-1], out_future[:-1])  # the past cannot see the future
     assert not np.allclose(out[-1], out_future[-1])
 
     mask = module.dropout_mask(0.5, key=getkey())
@@ -264,9 +236,7 @@ def test_layer_is_causal_and_dropout_mask_is_fixed(getkey):
 
 def test_layer_compute_dtype(getkey):
     key = getkey()
-    layer = EquilibriumTransformerLayer(
-        16, num_heads=8, key=key, compute_dtype=jnp.bfloat16
-    )
+    layer = EquilibriumTransformerLayer(16, num_heads=8, key=key, compute_dtype=jnp.bfloat16)
     exact = EquilibriumTransformerLayer(16, num_heads=8, key=key)
     z, x = jax.random.normal(getkey(), (2, 5, 16))
     out, out_exact = eqx.filter_jit(layer)(z, x), eqx.filter_jit(exact)(z, x)
@@ -297,10 +267,7 @@ def test_explicit_model_shapes(getkey):
     logits, stats = eqx.filter_jit(lambda m, ids, k: m(ids, key=k))(
         model, jnp.arange(config.seq_len), getkey()
     )
-    assert (
-        logits.shape == (config.seq_len, data.PADDED_VOCAB_SIZE)
-        and int(stats["nfe"]) == 3
-    )
+    assert logits.shape == (config.seq_len, data.PADDED_VOCAB_SIZE) and int(stats["nfe"]) == 3
 
 
 def test_train_step_reduces_loss():
@@ -397,9 +364,7 @@ def test_resume_equivalence(tmp_path):
 def test_paper_config_has_about_94m_parameters():
     config = CONFIGS["paper"]
     shapes = eqx.filter_eval_shape(make_model, config, key=jax.random.key(0))
-    leaves = jax.tree.leaves(
-        shapes, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)
-    )
+    leaves = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     params = sum(
         int(np.prod(x.shape))
         for x in leaves

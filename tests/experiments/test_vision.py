@@ -109,13 +109,9 @@ def _raises(match, fn, *args, **kwargs):
 
 
 def test_missing_files(tmp_path, fake_archive):
-    _raises(
-        "data folder not found", vdata.load_cifar10, tmp_path / "nope", download=False
-    )
+    _raises("data folder not found", vdata.load_cifar10, tmp_path / "nope", download=False)
     (tmp_path / "empty").mkdir()
-    _raises(
-        "no CIFAR-10 data in", vdata.load_cifar10, tmp_path / "empty", download=False
-    )
+    _raises("no CIFAR-10 data in", vdata.load_cifar10, tmp_path / "empty", download=False)
     _raises("archive not found", vdata.read_archive, tmp_path / "missing.tar.gz")
     _raises(
         f"missing {vdata.SAMPLE_TRAIN}|sample file not found",
@@ -146,9 +142,7 @@ def test_corrupt_files(tmp_path, fake_archive):
     garbage.write_bytes(b"not a tarball at all")
     _raises("garbage.tar.gz is corrupt", vdata.read_archive, garbage)
     # A batch that unpickles to the wrong thing, and one that tries to run code.
-    bad = dict(
-        members, data_batch_2=pickle.dumps({b"data": np.zeros((2, 5), np.uint8)})
-    )
+    bad = dict(members, data_batch_2=pickle.dumps({b"data": np.zeros((2, 5), np.uint8)}))
     _write_archive(tmp_path / "bad.tar.gz", bad)
     _raises("data_batch_2 is corrupt", vdata.read_archive, tmp_path / "bad.tar.gz")
 
@@ -158,9 +152,7 @@ def test_corrupt_files(tmp_path, fake_archive):
 
     evil = dict(members, test_batch=pickle.dumps(_Evil(), protocol=2))
     _write_archive(tmp_path / "evil.tar.gz", evil)
-    _raises(
-        r"unexpected object \w+\.print", vdata.read_archive, tmp_path / "evil.tar.gz"
-    )
+    _raises(r"unexpected object \w+\.print", vdata.read_archive, tmp_path / "evil.tar.gz")
     # A corrupt npz sample.
     (tmp_path / vdata.SAMPLE_TRAIN).write_bytes(b"PK\x03\x04 broken")
     (tmp_path / vdata.SAMPLE_TEST).write_bytes(b"")
@@ -299,9 +291,7 @@ def test_gradient_exact_against_unrolled(model):
     if model == "single-scale":
         cfg = _tiny(model=model, channels=(8,), width=(2,), solver_steps=(4,), beta=0.5)
     else:
-        cfg = _tiny(
-            model=model, channels=(4, 8), width=(2, 1), solver_steps=(4, 3), beta=0.5
-        )
+        cfg = _tiny(model=model, channels=(4, 8), width=(2, 1), solver_steps=(4, 3), beta=0.5)
     labels = jnp.arange(4) % 10
     with jax.enable_x64(True):
         x = jr.normal(jr.key(3), (4, 3, 8, 8), jnp.float64)  # 8x8 images keep it fast
@@ -318,19 +308,15 @@ def test_gradient_exact_against_unrolled(model):
             def loss_fn(m):
                 logits, _, stats = vtrain._forward(m, state, x)
                 logp = jax.nn.log_softmax(logits)
-                return -jnp.mean(
-                    jnp.take_along_axis(logp, labels[:, None], axis=1)
-                ), stats
+                return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1)), stats
 
-            (loss, stats), g = eqx.filter_jit(
-                eqx.filter_value_and_grad(loss_fn, has_aux=True)
-            )(model_)
+            (loss, stats), g = eqx.filter_jit(eqx.filter_value_and_grad(loss_fn, has_aux=True))(
+                model_
+            )
             assert loss.dtype == jnp.float64
             assert int(jnp.max(stats["steps"])) <= 8  # <= 4 steps per block
             flat[name] = jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(g)])
-        rel = jnp.linalg.norm(flat["rev"] - flat["unrolled"]) / jnp.linalg.norm(
-            flat["unrolled"]
-        )
+        rel = jnp.linalg.norm(flat["rev"] - flat["unrolled"]) / jnp.linalg.norm(flat["unrolled"])
         assert float(jnp.linalg.norm(flat["unrolled"])) > 0
         assert float(rel) <= 1e-10, float(rel)
 

@@ -6,7 +6,7 @@ import equinox as eqx
 import jax
 
 from .._custom_types import Args, Fn, Z
-from .._iterate import LoopResult, iterate
+from .._iterate import iterate, LoopResult
 from .._misc import materialise, tree_add
 from .._solver.anderson import Anderson
 from .._solver.base import AbstractSolver
@@ -41,7 +41,11 @@ class ImplicitAdjoint(AbstractAdjoint):
     max_steps: int = 30
 
     def __check_init__(self):
-        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
+        if (
+            isinstance(self.max_steps, bool)
+            or not isinstance(self.max_steps, int)
+            or self.max_steps < 1
+        ):
             raise ValueError(
                 f"`ImplicitAdjoint(max_steps={self.max_steps!r})` must be an int >= 1."
             )
@@ -61,9 +65,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     ) -> LoopResult:
         del primal
         out = _implicit_solve((fn, args, z0), solver, max_steps, tol, self)
-        return eqx.tree_at(
-            lambda r: r.residual, out, jax.lax.stop_gradient(out.residual)
-        )
+        return eqx.tree_at(lambda r: r.residual, out, jax.lax.stop_gradient(out.residual))
 
 
 def _forward(inputs, solver, max_steps, tol) -> LoopResult:
@@ -86,9 +88,7 @@ def _implicit_solve_fwd(perturbed, inputs, solver, max_steps, tol, adjoint):
 
 
 @_implicit_solve.def_bwd
-def _implicit_solve_bwd(
-    z_star, grad_out, perturbed, inputs, solver, max_steps, tol, adjoint
-):
+def _implicit_solve_bwd(z_star, grad_out, perturbed, inputs, solver, max_steps, tol, adjoint):
     del perturbed, solver, max_steps, tol
     fn, args, z0 = inputs
     z_bar = materialise(grad_out.value, z0)

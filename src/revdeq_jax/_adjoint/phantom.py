@@ -35,13 +35,15 @@ class PhantomAdjoint(AbstractAdjoint):
         ```bibtex
         @inproceedings{geng2021training,
             title={On Training Implicit Models},
-            author={Geng, Zhengyang and Zhang, Xin-Yu and Bai, Shaojie and Wang, Yisen and Lin, Zhouchen},
+            author={Geng, Zhengyang and Zhang, Xin-Yu and Bai, Shaojie and Wang, Yisen
+                    and Lin, Zhouchen},
             booktitle={NeurIPS},
             year={2021}
         }
         @inproceedings{fung2022jfb,
             title={JFB: Jacobian-Free Backpropagation for Implicit Networks},
-            author={Fung, Samy Wu and Heaton, Howard and Li, Qiuwei and McKenzie, Daniel and Osher, Stanley and Yin, Wotao},
+            author={Fung, Samy Wu and Heaton, Howard and Li, Qiuwei and McKenzie, Daniel
+                    and Osher, Stanley and Yin, Wotao},
             booktitle={AAAI},
             year={2022}
         }
@@ -60,9 +62,7 @@ class PhantomAdjoint(AbstractAdjoint):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"`PhantomAdjoint(steps={self.steps!r})` must be an int >= 1.")
         if not 0 < self.damping <= 1:
-            raise ValueError(
-                f"`PhantomAdjoint(damping={self.damping})` must lie in (0, 1]."
-            )
+            raise ValueError(f"`PhantomAdjoint(damping={self.damping})` must lie in (0, 1].")
 
     def apply(
         self,

@@ -9,7 +9,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array
 
 from .._custom_types import Args, Fn, Z
-from .._iterate import LoopResult, iterate
+from .._iterate import iterate, LoopResult
 from .._misc import (
     materialise,
     tree_add,
@@ -62,9 +62,7 @@ class ReversibleAdjoint(AbstractAdjoint):
         ```
     """
 
-    report: Callable[[dict[str, Array]], None] | None = eqx.field(
-        default=None, static=True
-    )
+    report: Callable[[dict[str, Array]], None] | None = eqx.field(default=None, static=True)
 
     def check(self, solver: AbstractSolver) -> None:
         if not isinstance(solver, AbstractReversibleSolver):
@@ -90,9 +88,7 @@ class ReversibleAdjoint(AbstractAdjoint):
         self.check(solver)
         del primal  # the forward loop is `iterate(kind="lax")`, inside the custom VJP
         out = _reversible_solve((fn, args, z0), solver, max_steps, tol, self.report)
-        return eqx.tree_at(
-            lambda r: r.residual, out, jax.lax.stop_gradient(out.residual)
-        )
+        return eqx.tree_at(lambda r: r.residual, out, jax.lax.stop_gradient(out.residual))
 
 
 def _forward(inputs, solver, max_steps, tol) -> LoopResult:
@@ -115,9 +111,7 @@ def _reversible_solve_fwd(perturbed, inputs, solver, max_steps, tol, report):
 
 
 @_reversible_solve.def_bwd
-def _reversible_solve_bwd(
-    residuals, grad_out, perturbed, inputs, solver, max_steps, tol, report
-):
+def _reversible_solve_bwd(residuals, grad_out, perturbed, inputs, solver, max_steps, tol, report):
     del perturbed, max_steps, tol
     y_n, z_n, num_steps = residuals
     fn, args, z0 = inputs
@@ -168,9 +162,7 @@ def reverse_loop(solver, fn, args, z0, y_n, z_n, num_steps, value_bar):
             return n - 1, y, z, y_bar, z_bar, params_bar
 
         init = (num_steps, y_n, z_n, y_bar, z_bar, (fn_bar, args_bar))
-        _, y_0, z_0, y_bar, z_bar, (fn_bar, args_bar) = jax.lax.while_loop(
-            _cond, _body, init
-        )
+        _, y_0, z_0, y_bar, z_bar, (fn_bar, args_bar) = jax.lax.while_loop(_cond, _body, init)
         # y_0 = z_0 = z0, so both cotangents flow into the initial guess.
         z0_bar = tree_cast_like(tree_add(z_bar, y_bar), z0)
         return y_0, z_0, y_bar, z_bar, z0_bar, fn_bar, args_bar

@@ -56,6 +56,4 @@ class CheckpointAdjoint(AbstractAdjoint):
         max_steps: int,
         tol: float,
     ) -> LoopResult:
-        return primal(
-            fn, solver, z0, args, max_steps=max_steps, tol=tol, kind="checkpointed"
-        )
+        return primal(fn, solver, z0, args, max_steps=max_steps, tol=tol, kind="checkpointed")

@@ -35,9 +35,7 @@ class Relaxed(AbstractSolver[IterateState]):
 
     def __check_init__(self):
         if not 0 < self.beta < 2:
-            raise ValueError(
-                f"`Relaxed(beta={self.beta})`: `beta` must lie in (0, 2)."
-            )
+            raise ValueError(f"`Relaxed(beta={self.beta})`: `beta` must lie in (0, 2).")
 
     def init(self, fn: Fn, z0: Z, args: Args) -> IterateState:
         return IterateState(z=z0, fz=fn(z0, args))

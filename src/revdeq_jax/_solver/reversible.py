@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
+from .. import _twofloat as tf
 from .._custom_types import Args, Fn, Z
 from .._misc import (
     tree_add,
@@ -18,7 +19,6 @@ from .._misc import (
     tree_scale,
     tree_sub,
 )
-from .. import _twofloat as tf
 from .._precision import check_state_dtype, is_two_float
 from .base import AbstractReversibleSolver
 
@@ -112,9 +112,7 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
 
     def _down(self, state: PyTree, like: PyTree) -> PyTree:
         if self._two_float:
-            return jtu.tree_map(
-                lambda x, l: tf.to_float(x, l.dtype), state, like, is_leaf=_is_tf
-            )
+            return jtu.tree_map(lambda x, l: tf.to_float(x, l.dtype), state, like, is_leaf=_is_tf)
         return tree_cast_like(state, like)
 
     def _lin(self, a: float, x: PyTree, b: float, f: PyTree) -> PyTree:
@@ -143,7 +141,9 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
 
     def init_cotangents(self, value_bar: PyTree, y: PyTree) -> tuple[PyTree, PyTree]:
         if self._two_float:  # cotangents need no extra precision: float32
-            z_bar = jtu.tree_map(lambda v: v.astype(jnp.promote_types(v.dtype, jnp.float32)), value_bar)
+            z_bar = jtu.tree_map(
+                lambda v: v.astype(jnp.promote_types(v.dtype, jnp.float32)), value_bar
+            )
         else:
             z_bar = tree_cast_like(value_bar, y)
         return jtu.tree_map(jnp.zeros_like, z_bar), z_bar

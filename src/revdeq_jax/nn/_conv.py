@@ -53,8 +53,7 @@ class ConvResidualLayer(eqx.Module):
         """
         if channels < 1 or width < 1:
             raise ValueError(
-                f"`channels` and `width` must be positive, got channels={channels}, "
-                f"width={width}."
+                f"`channels` and `width` must be positive, got channels={channels}, width={width}."
             )
         groups = default_groups(channels) if groups is None else groups
         if channels % groups:
@@ -81,7 +80,5 @@ class ConvResidualLayer(eqx.Module):
         dtype = self.conv1.weight.dtype
         z_in = z.astype(dtype)
         h = jax.nn.relu(self.norm1(self.conv1(z_in)))
-        out = self.norm3(
-            jax.nn.relu(z_in + self.norm2(x.astype(dtype) + self.conv2(h)))
-        )
+        out = self.norm3(jax.nn.relu(z_in + self.norm2(x.astype(dtype) + self.conv2(h))))
         return out.astype(z.dtype)

@@ -44,9 +44,7 @@ class VariationalDropout(eqx.Module):
         if inference or self.p == 0.0:
             return jnp.ones(shape, dtype)
         if key is None:
-            raise ValueError(
-                "VariationalDropout.mask needs a `key` when not in inference mode"
-            )
+            raise ValueError("VariationalDropout.mask needs a `key` when not in inference mode")
         keep = jax.random.bernoulli(key, 1.0 - self.p, shape)
         return keep.astype(dtype) / jnp.asarray(1.0 - self.p, dtype)
 

@@ -27,9 +27,7 @@ def _solution_stats(sols) -> dict[str, Array]:
     return {
         "nfe": sum(jnp.asarray(s.nfe, jnp.int32) for s in sols),
         "steps": sum(jnp.asarray(s.num_steps, jnp.int32) for s in sols),
-        "residual": jnp.max(
-            jnp.stack([jnp.asarray(s.residual, jnp.float32) for s in sols])
-        ),
+        "residual": jnp.max(jnp.stack([jnp.asarray(s.residual, jnp.float32) for s in sols])),
     }
 
 
@@ -244,12 +242,8 @@ class SingleScaleDEQ(eqx.Module):
     ):
         solver, adjoint = _solver_adjoint(solver, adjoint)
         k_enc, k_block, k_head = jr.split(key, 3)
-        self.encoder = eqx.nn.Conv2d(
-            in_channels, channels, 3, padding=1, dtype=dtype, key=k_enc
-        )
-        self.encoder_norm = eqx.nn.GroupNorm(
-            default_groups(channels), channels, dtype=dtype
-        )
+        self.encoder = eqx.nn.Conv2d(in_channels, channels, 3, padding=1, dtype=dtype, key=k_enc)
+        self.encoder_norm = eqx.nn.GroupNorm(default_groups(channels), channels, dtype=dtype)
         self.block = rdeq.DEQ(
             ConvResidualLayer(channels, width, dtype=dtype, key=k_block),
             solver=solver,
@@ -257,9 +251,7 @@ class SingleScaleDEQ(eqx.Module):
             max_steps=steps,
             tol=tol,
         )
-        self.head = eqx.nn.Linear(
-            channels * pool * pool, num_classes, dtype=dtype, key=k_head
-        )
+        self.head = eqx.nn.Linear(channels * pool * pool, num_classes, dtype=dtype, key=k_head)
         self.pool = pool
 
     def __call__(
@@ -274,11 +266,7 @@ class SingleScaleDEQ(eqx.Module):
         z, sol = self.block(h, return_solution=True)
         c, hh, ww = z.shape
         if hh % self.pool or ww % self.pool:
-            raise ValueError(
-                f"image size {hh}x{ww} is not divisible by `pool`={self.pool}."
-            )
-        pooled = z.reshape(
-            c, self.pool, hh // self.pool, self.pool, ww // self.pool
-        ).mean((2, 4))
+            raise ValueError(f"image size {hh}x{ww} is not divisible by `pool`={self.pool}.")
+        pooled = z.reshape(c, self.pool, hh // self.pool, self.pool, ww // self.pool).mean((2, 4))
         logits = self.head(pooled.reshape(-1))
         return logits, state, _solution_stats([sol])

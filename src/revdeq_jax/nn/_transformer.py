@@ -11,9 +11,7 @@ from ._dropout import VariationalDropout
 
 
 def _cast_floats(tree, dtype):
-    return jax.tree.map(
-        lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree
-    )
+    return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
 
 
 class CausalSelfAttention(eqx.Module):
@@ -161,8 +159,7 @@ class EquilibriumTransformerLayer(eqx.Module):
     def __call__(
         self,
         z: Float[Array, "seq dim"],
-        x: Float[Array, "seq dim"]
-        | tuple[Float[Array, "seq dim"], Float[Array, "2 dim"]],
+        x: Float[Array, "seq dim"] | tuple[Float[Array, "seq dim"], Float[Array, "2 dim"]],
     ) -> Float[Array, "seq dim"]:
         x, dropout_mask = x if isinstance(x, tuple) else (x, None)
         return self.block(z + x.astype(z.dtype), dropout_mask)
