@@ -1,0 +1,1 @@
+"""Benchmarks of revdeq_jax: `python -m benchmarks.adjoints` compares the adjoints."""
