@@ -9,6 +9,10 @@ CONFIG  ?= small
 DATA_DIR ?=
 RUNS    ?= runs
 DATA_FLAG := $(if $(DATA_DIR),--data-dir=$(DATA_DIR),)
+# WikiText: DATA_DIR, else the offline WikiText-2 copy beside the repository if there is one,
+# else the Hugging Face hub.
+LM_DATA := $(or $(DATA_DIR),$(wildcard ../shared/data/wikitext-2-raw))
+LM_DATA_FLAG := $(if $(LM_DATA),--data-dir=$(LM_DATA),)
 
 .PHONY: help install test test-slow test-all lint format bench smoke \
         train-wikitext eval-wikitext compare-wikitext train-cifar eval-cifar compare-cifar clean
@@ -48,13 +52,13 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.adjoints --out benchmarks/results
 
 train-wikitext: $(STAMP)
-	$(PY) -m experiments.language.train --config=$(CONFIG) $(DATA_FLAG) --workdir=$(RUNS)/wikitext-$(CONFIG)
+	$(PY) -m experiments.language.train --config=$(CONFIG) $(LM_DATA_FLAG) --workdir=$(RUNS)/wikitext-$(CONFIG)
 
 eval-wikitext: $(STAMP)
-	$(PY) -m experiments.language.evaluate --workdir=$(RUNS)/wikitext-$(CONFIG) $(DATA_FLAG)
+	$(PY) -m experiments.language.evaluate --workdir=$(RUNS)/wikitext-$(CONFIG) $(LM_DATA_FLAG)
 
 compare-wikitext: $(STAMP)
-	$(PY) -m experiments.language.compare $(DATA_FLAG)
+	$(PY) -m experiments.language.compare $(LM_DATA_FLAG)
 
 train-cifar: $(STAMP)
 	$(PY) -m experiments.vision.train --config=$(CONFIG) $(DATA_FLAG) --workdir=$(RUNS)/cifar-$(CONFIG)
