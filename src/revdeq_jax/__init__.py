@@ -14,6 +14,7 @@ from ._adjoint import (
     ReversibleAdjoint as ReversibleAdjoint,
     UnrolledAdjoint as UnrolledAdjoint,
 )
+from ._exact import ExactState as ExactState
 from ._fixed_point import (
     fixed_point as fixed_point,
     reconstruction_error as reconstruction_error,

@@ -55,6 +55,7 @@ def iterate(
     so reverse-mode autodiff stores every step) or `"checkpointed"` (Equinox's
     checkpointed while loop).
     """
+    solver = solver.with_max_steps(max_steps)
     with state_scope(solver.state_dtype):
         state0 = solver.init(fn, z0, args)
         n0 = jnp.zeros((), jnp.int32)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
+from ._exact import ExactState
+
 
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
 
@@ -27,25 +29,34 @@ def x64_enabled() -> bool:
 
 
 TWO_FLOAT = "float32x2"
+EXACT = "exact"
 
 
 def is_two_float(state_dtype: Any) -> bool:
     return isinstance(state_dtype, str) and state_dtype == TWO_FLOAT
 
 
+def is_exact(state_dtype: Any) -> bool:
+    return isinstance(state_dtype, ExactState)
+
+
 def check_state_dtype(state_dtype: Any) -> Any:
     """Normalises `state_dtype` (`None` = the dtype of `z0`) and checks it is a float.
 
-    Besides a floating dtype, the string `"float32x2"` selects a two-float state.
+    Besides a floating dtype, the string `"float32x2"` selects a two-float state, and
+    `"exact"` (or an `ExactState`) the bit-exact fixed-point state.
     """
-    if state_dtype is None or is_two_float(state_dtype):
+    if state_dtype is None or is_two_float(state_dtype) or is_exact(state_dtype):
         return state_dtype
+    if isinstance(state_dtype, str) and state_dtype == EXACT:
+        return ExactState()
     try:
         dtype = jnp.dtype(state_dtype)
     except TypeError as e:
         raise ValueError(
             f"`state_dtype={state_dtype!r}` is not a dtype. Use `None` (the dtype of "
-            '`z0`), `jnp.float32`, `jnp.float64` or `"float32x2"` (two-float).'
+            '`z0`), `jnp.float32`, `jnp.float64`, `"float32x2"` (two-float) or `"exact"` '
+            "(bit-exact fixed point)."
         ) from e
     if dtype not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
         raise ValueError(
@@ -59,7 +70,12 @@ def check_state_dtype_for(state_dtype: Any, z0: PyTree) -> None:
     """Trace-time checks of a state dtype against the initial state `z0`."""
     if state_dtype is None:
         return
-    bits = 48 if is_two_float(state_dtype) else jnp.finfo(state_dtype).bits
+    if is_exact(state_dtype):
+        bits = 64
+    elif is_two_float(state_dtype):
+        bits = 48
+    else:
+        bits = jnp.finfo(state_dtype).bits
     for leaf in jax.tree_util.tree_leaves(z0):
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             raise ValueError(
@@ -72,7 +88,7 @@ def check_state_dtype_for(state_dtype: Any, z0: PyTree) -> None:
                 "`z0`: the solver state would lose precision that `fn` has. Use "
                 "`state_dtype=None` or a wider dtype."
             )
-    if bits == 64:
+    if bits == 64 and not is_exact(state_dtype):
         backend = jax.default_backend()
         if backend not in ("cpu", "gpu", "cuda", "rocm", "tpu"):
             raise ValueError(
@@ -85,12 +101,15 @@ def check_state_dtype_for(state_dtype: Any, z0: PyTree) -> None:
 @contextlib.contextmanager
 def state_scope(state_dtype: Any) -> Iterator[None]:
     """Enables 64-bit types for the enclosed code iff the state needs them."""
-    if (
-        state_dtype is not None
-        and not is_two_float(state_dtype)
-        and jnp.finfo(state_dtype).bits == 64
-        and not x64_enabled()
-    ):
+    if is_exact(state_dtype):
+        wide = True  # int64 fixed point
+    else:
+        wide = (
+            state_dtype is not None
+            and not is_two_float(state_dtype)
+            and jnp.finfo(state_dtype).bits == 64
+        )
+    if wide and not x64_enabled():
         with jax.enable_x64(True):
             yield
     else:

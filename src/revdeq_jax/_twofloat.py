@@ -4,7 +4,8 @@ A value is held unevaluated as $x = x_{hi} + x_{lo}$ with $|x_{lo}| \le \tfrac12
 \mathrm{ulp}(x_{hi})$. Sums and products are built from error-free transformations:
 TwoSum (Knuth) gives $a + b = s + e$ exactly, and TwoProduct, by splitting into 12-bit
 halves (Dekker), gives $a b = p + e$ to ~48 bits, using only float32 adds and
-multiplies, so it runs on every backend without 64-bit types. Used by `Reversible(state_dtype="float32x2")`.
+multiplies, so it runs on every backend without 64-bit types. Used by
+`Reversible(state_dtype="float32x2")`.
 
 The error-free transformations rely on IEEE round-to-nearest. XLA does not re-associate,
 but its code generators contract `a * b - c` into a fused multiply-add, which breaks the

@@ -4,8 +4,19 @@ from collections.abc import Callable
 
 from .._custom_types import Args, Fn, Z
 from .._iterate import LoopResult
+from .._precision import is_exact
 from .._solver.base import AbstractSolver
 from .base import AbstractAdjoint
+
+
+def _check_differentiable_state(adjoint: AbstractAdjoint, solver: AbstractSolver) -> None:
+    if is_exact(solver.state_dtype):
+        raise ValueError(
+            f"`{type(adjoint).__name__}` differentiates through the solver's own "
+            "arithmetic, which for `state_dtype='exact'` is integer arithmetic with zero "
+            "derivative. Use `ReversibleAdjoint()` (which gives exactly the gradient of "
+            "this forward pass), or a floating `state_dtype` for the unrolled reference."
+        )
 
 
 class UnrolledAdjoint(AbstractAdjoint):
@@ -21,6 +32,9 @@ class UnrolledAdjoint(AbstractAdjoint):
     [`revdeq_jax.ReversibleAdjoint`][] is tested against, and the "explicit weight-tied
     network" baseline.
     """
+
+    def check(self, solver: AbstractSolver) -> None:
+        _check_differentiable_state(self, solver)
 
     def apply(
         self,
@@ -44,6 +58,9 @@ class CheckpointAdjoint(AbstractAdjoint):
     iterations on the backward pass (about $O(N \\log N)$ evaluations). Works with any
     solver; the gradient is exact, like [`revdeq_jax.UnrolledAdjoint`][].
     """
+
+    def check(self, solver: AbstractSolver) -> None:
+        _check_differentiable_state(self, solver)
 
     def apply(
         self,

@@ -46,6 +46,15 @@ class AbstractSolver(eqx.Module, Generic[SolverState]):
         Used for the stopping test (the relative residual) and for the output.
         """
 
+    def with_max_steps(self, max_steps: int) -> "AbstractSolver":
+        """This solver, prepared for a loop of at most `max_steps` steps.
+
+        Called by the loop before `init`; a solver that sizes buffers by the number of
+        steps returns a copy that knows it. The default returns `self`.
+        """
+        del max_steps
+        return self
+
     @property
     def state_dtype(self) -> Any:
         """Dtype of the solver's own arithmetic; `None` means the dtype of `z0`."""

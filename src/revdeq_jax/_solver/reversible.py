@@ -1,5 +1,6 @@
 """The algebraically reversible fixed-point solver of RevDEQ."""
 
+import dataclasses
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -9,6 +10,7 @@ from jaxtyping import PyTree
 
 from .. import _twofloat as tf
 from .._custom_types import Args, Fn, Z
+from .._exact import Exact, ExactArithmetic, rational_beta
 from .._misc import (
     tree_add,
     tree_add_ct,
@@ -19,7 +21,7 @@ from .._misc import (
     tree_scale,
     tree_sub,
 )
-from .._precision import check_state_dtype, is_two_float
+from .._precision import check_state_dtype, is_exact, is_two_float
 from .base import AbstractReversibleSolver
 
 
@@ -63,10 +65,29 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
         With `beta = 0.5` the scalings are exact in binary, which keeps reconstructions
         bit-exact for longest. Use [`revdeq_jax.reconstruction_error`][] to check.
 
+        All of these still lose the gradient at depth: with `beta = 0.9` a float64 state
+        is off by 1e-2 to nan after 16 steps of an attention block. For exact gradients
+        at any depth use
+
+        - `state_dtype="exact"` (or [`revdeq_jax.ExactState`][]): a fixed-point int64
+          state whose update is integer arithmetic with `beta` held as a ratio `a / b`,
+          and an information buffer that keeps the remainder each step divides away
+          (2, 4.9 and 7.1 bits per element per step for `beta` = 0.5, 0.8, 0.9). Reversal
+          is then exact to the bit and the gradient *equals* the unrolled gradient of
+          the forward pass; measured within 4e-6 of the float64 unrolled gradient at 64
+          steps with a float32 `fn`. Needs no 64-bit floats. Requires `fn` to give the
+          same bits when it is evaluated again on the backward pass, which is a
+          separately compiled program: true of every block tested on CPU. Should a
+          compiler round `fn` differently there, the reconstruction error reported by
+          `ReversibleAdjoint(report=...)` (exactly zero otherwise) shows it.
+
     **Arguments:**
 
     - `beta`: relaxation in $(0, 2)$, not 1.
-    - `state_dtype`: `None` (the dtype of `z0`), a floating dtype, or `"float32x2"`.
+    - `state_dtype`: `None` (the dtype of `z0`), a floating dtype, `"float32x2"`, or
+      `"exact"` / [`revdeq_jax.ExactState`][].
+    - `buffer_steps`: set by [`revdeq_jax.fixed_point`][] from `max_steps` (it sizes the
+      information buffer of an exact state); leave it unset.
 
     ??? cite "References"
 
@@ -82,6 +103,7 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
 
     beta: float = 0.5
     state_dtype: Any = eqx.field(default=None, converter=check_state_dtype)
+    buffer_steps: int | None = eqx.field(default=None, static=True, repr=False)
 
     nfe_per_step: ClassVar[int] = 2
 
@@ -97,6 +119,13 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
                 "contractions with constant k when beta < 2 / (k + 1). The paper uses 0.5 "
                 "to 0.8."
             )
+        if self._exact:
+            rational_beta(self.beta)  # raises if beta is not a ratio of small integers
+
+    def with_max_steps(self, max_steps: int) -> "Reversible":
+        if self._exact:
+            return dataclasses.replace(self, buffer_steps=max_steps)
+        return self
 
     # The solver's own arithmetic, in the state's precision. `x`, `out`: state trees;
     # `f`: values of `fn`, in the dtype of `z0`.
@@ -105,18 +134,42 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
     def _two_float(self) -> bool:
         return is_two_float(self.state_dtype)
 
+    @property
+    def _exact(self) -> bool:
+        return is_exact(self.state_dtype)
+
+    @property
+    def _arith(self) -> ExactArithmetic:
+        a, b = rational_beta(self.beta)
+        return ExactArithmetic(a, b, self.state_dtype.fraction_bits)
+
     def _up(self, tree: PyTree) -> PyTree:
+        if self._exact:
+            if self.buffer_steps is None:
+                raise ValueError(
+                    "An exact reversible state needs the number of steps to size its "
+                    "buffer; run the solver through `fixed_point` or `DEQ`."
+                )
+            arith = self._arith
+            return jtu.tree_map(lambda x: arith.encode(x, self.buffer_steps), tree)
         if self._two_float:
             return jtu.tree_map(tf.from_float, tree)
         return tree_cast(tree, self.state_dtype)
 
     def _down(self, state: PyTree, like: PyTree) -> PyTree:
+        if self._exact:
+            arith = self._arith
+            return jtu.tree_map(
+                lambda x, l: arith.decode(x, l.dtype), state, like, is_leaf=_is_exact
+            )
         if self._two_float:
             return jtu.tree_map(lambda x, l: tf.to_float(x, l.dtype), state, like, is_leaf=_is_tf)
         return tree_cast_like(state, like)
 
     def _lin(self, a: float, x: PyTree, b: float, f: PyTree) -> PyTree:
         """`a * x + b * f`."""
+        if self._exact:  # a, b are 1 - beta, beta: held exactly as a ratio instead
+            return jtu.tree_map(self._arith.push, x, f, is_leaf=_is_exact)
         if self._two_float:
             return jtu.tree_map(
                 lambda x, f: tf.add(tf.scale(a, x), tf.scale_float(b, f)),
@@ -129,6 +182,8 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
     def _invert(self, out: PyTree, f: PyTree) -> PyTree:
         """`(out - beta * f) / (1 - beta)`: undoes `_lin(1 - beta, x, beta, f)`."""
         b = self.beta
+        if self._exact:
+            return jtu.tree_map(self._arith.pop, out, f, is_leaf=_is_exact)
         if self._two_float:
             return jtu.tree_map(
                 lambda o, f: tf.divide(tf.add(o, tf.neg(tf.scale_float(b, f))), 1 - b),
@@ -140,7 +195,7 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
         return tree_div(tree_sub(out, tree_scale(b, tree_cast_like(f, out))), 1 - b)
 
     def init_cotangents(self, value_bar: PyTree, y: PyTree) -> tuple[PyTree, PyTree]:
-        if self._two_float:  # cotangents need no extra precision: float32
+        if self._two_float or self._exact:  # cotangents need no extra precision
             z_bar = jtu.tree_map(
                 lambda v: v.astype(jnp.promote_types(v.dtype, jnp.float32)), value_bar
             )
@@ -149,13 +204,17 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
         return jtu.tree_map(jnp.zeros_like, z_bar), z_bar
 
     def deviation(self, state_part: PyTree, z0: PyTree) -> PyTree:
+        if self._exact:
+            return jtu.tree_map(self._arith.difference, state_part, z0, is_leaf=_is_exact)
         if self._two_float:
             return jtu.tree_map(tf.sub_float, state_part, z0, is_leaf=_is_tf)
         return jtu.tree_map(lambda a, c: a - c.astype(a.dtype), state_part, z0)
 
     def init(self, fn: Fn, z0: Z, args: Args) -> ReversibleState:
-        fz = fn(z0, args)
         z = self._up(z0)
+        # f at the state as held (for an exact state, z0 rounded to its grid), so that
+        # the last reverse step undoes the first forward step with the same value.
+        fz = fn(self._down(z, z0), args)
         return ReversibleState(y=z, z=z, fz=fz)
 
     def step(self, fn: Fn, state: ReversibleState, args: Args) -> ReversibleState:
@@ -215,6 +274,10 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
 
 def _is_tf(x) -> bool:
     return isinstance(x, tf.TwoFloat)
+
+
+def _is_exact(x) -> bool:
+    return isinstance(x, Exact)
 
 
 def _call(z, fn, args):
