@@ -60,7 +60,7 @@ def prepare(fn: Fn, z0: Z, args: Args, solver: AbstractSolver) -> tuple[UserFn, 
                 f"{leaf.dtype}. Cast it, e.g. `z0.astype(jnp.float32)`."
             )
     check_state_dtype_for(solver.state_dtype, z0)
-    out = jax.eval_shape(fn, z0, args)
+    out = jax.eval_shape(lambda z, a: fn(z, a), z0, args)
     in_struct = jax.eval_shape(lambda: z0)
     if jtu.tree_structure(out) != jtu.tree_structure(in_struct):
         raise ValueError(
@@ -74,7 +74,9 @@ def prepare(fn: Fn, z0: Z, args: Args, solver: AbstractSolver) -> tuple[UserFn, 
                 f"at {jtu.keystr(path) or 'the root'} `z0` is {i.dtype}{list(i.shape)} "
                 f"and `fn` returned {o.dtype}{list(o.shape)}."
             )
-    fn = eqx.filter_closure_convert(fn, z0, args)
+    # Through a plain function: some callables (e.g. `eqx.filter_vmap(layer)`) cannot be
+    # closure-converted directly, while every array they hold is still found this way.
+    fn = eqx.filter_closure_convert(lambda z, a: fn(z, a), z0, args)
     return UserFn(fn, x64_enabled()), z0
 
 
