@@ -1,6 +1,7 @@
 """Training machinery shared by the experiments.
 
-Config CLI, checkpoints, metrics, plots, the training loop and data-parallel sharding:
+Config CLI, checkpoints, metrics, plots, the training loop and data-parallel / FSDP
+sharding (`DataParallel`):
 
 ```python
 from experiments.common import (
@@ -37,8 +38,13 @@ from .optim import (
 from .plotting import plot_metrics as plot_metrics, plot_series as plot_series
 from .sharding import (
     batch_sharding as batch_sharding,
+    DataParallel as DataParallel,
+    fsdp_shardings as fsdp_shardings,
+    initialize_distributed as initialize_distributed,
     make_mesh as make_mesh,
     replicate as replicate,
     replicated_sharding as replicated_sharding,
     shard_batch as shard_batch,
+    ShardingError as ShardingError,
+    state_shardings as state_shardings,
 )

@@ -49,8 +49,14 @@ def _is_key_array(x: Any) -> bool:
 def _serialise_leaf(f: IO[bytes], x: Any) -> None:
     if _is_key_array(x):
         jnp.save(f, jax.random.key_data(x))
-    else:
-        eqx.default_serialise_filter_spec(f, x)
+        return
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        # Split across hosts (FSDP on several processes): every process gathers the whole
+        # array (a collective; all processes save the same tree in the same order).
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    eqx.default_serialise_filter_spec(f, x)
 
 
 def _deserialise_leaf(f: IO[bytes], like: Any) -> Any:

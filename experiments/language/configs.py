@@ -63,6 +63,8 @@ class Config:
     eval_tokens: int | None = None  # validate on the first eval_tokens tokens of val (None: all)
     test_tokens: int | None = None  # final test on the first test_tokens tokens of test (None: all)
     seed: int = 0
+    # --- devices ----------------------------------------------------------------------------
+    sharding: str = "data"  # "data": state replicated | "fsdp": large state arrays split too
 
 
 CONFIGS = {

@@ -10,11 +10,17 @@
     # baselines: DEQ with implicit gradients, explicit transformer
     python -m experiments.language.train --config=small --solver=anderson --adjoint=implicit --max_steps=15 ...
     python -m experiments.language.train --config=small --model=explicit --num_layers=4 ...
+    # several devices: data parallel over all of them automatically; FSDP on request
+    python -m experiments.language.train --config=paper --sharding=fsdp ...
+    # several hosts: run on every host (see "Scaling out" in the top-level README)
+    python -m experiments.language.train --config=paper --distributed ...
 
 Every field of `configs.Config` can be overridden with `--key=value` (`--help` lists them).
 `--workdir` (default `runs/wikitext-<config>`) receives `config.json`, `metrics.jsonl`,
 `latest.eqx` / `best.eqx` checkpoints, `curves.png` and `results.json`.
 `--resume` continues from `latest.eqx` with the config stored in the run (new overrides on top).
+`--distributed` (optionally with `--coordinator_address`, `--num_processes`, `--process_id`)
+calls `jax.distributed.initialize()` first; `batch_size` is always the global batch.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from experiments.common.config import config_from_dict, config_to_dict, parse_co
 from experiments.common.loop import LoopSpec, NonFiniteLossError, train_loop, TrainState
 from experiments.common.optim import adamw_cosine, count_params
 from experiments.common.plotting import plot_metrics
+from experiments.common.sharding import DataParallel, initialize_distributed, ShardingError
 
 from . import data
 from .configs import Config, CONFIGS
@@ -135,6 +142,9 @@ def train_and_evaluate(
     best checkpoint (lowest validation loss) on the validation and, if `final_test`, the test
     split; write `results.json` and `curves.png` there and return the results."""
     workdir = pathlib.Path(workdir)
+    # Devices first: an indivisible batch size fails here, before any data is loaded.
+    parallel = DataParallel(config.batch_size, config.sharding)
+    print(parallel.describe())
     splits = data.load_splits(
         data_dir=config.data_dir,
         hub_config=config.hub_config,
@@ -151,20 +161,21 @@ def train_and_evaluate(
         f"{unigram['oracle']:.1f} (oracle)"
     )
 
-    state = init_state(config)
+    state = parallel.place_state(init_state(config))
     tokens_per_step = config.batch_size * config.seq_len
     print(
         f"model: {config.model}, {count_params(state.model):,} parameters; {tokens_per_step:,} tokens/step"
     )
 
     def get_batch(step: int):
-        return data.get_batch(
+        batch = data.get_batch(
             splits.train,
             step,
             batch_size=config.batch_size,
             seq_len=config.seq_len,
             seed=config.seed,
         )
+        return parallel.place_batch(batch)
 
     evaluate_val = make_evaluator(config, splits.val, max_tokens=config.eval_tokens)
     spec = LoopSpec(
@@ -178,10 +189,14 @@ def train_and_evaluate(
     state = train_loop(
         spec=spec,
         state=state,
-        train_step=make_train_step(config),
+        train_step=parallel.wrap_step(make_train_step(config)),
         get_batch=get_batch,
         evaluate=lambda s: evaluate_val(s.model),
-        header={"config": config_to_dict(config), "experiment": "language"},
+        header={
+            "config": config_to_dict(config),
+            "experiment": "language",
+            "parallel": parallel.info(),
+        },
         resume=resume,
         unit_name="tokens",
         units_per_step=tokens_per_step,
@@ -210,6 +225,7 @@ def train_and_evaluate(
         "unigram_val": data.unigram_perplexity(splits.train, splits.val),
         "unigram_test": data.unigram_perplexity(splits.train, splits.test),
         "data": splits.description,
+        "parallel": parallel.info(),
     }
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     shown = test if test is not None else val
@@ -259,13 +275,14 @@ def resolve_config(argv: list[str]) -> tuple[Config, pathlib.Path, bool]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    argv = initialize_distributed(argv)  # --distributed: before anything else uses JAX
     try:
         config, workdir, resume = resolve_config(argv)
     except ValueError as e:  # unknown key, bad value, ...
         sys.exit(f"error: {e}")
     try:
         train_and_evaluate(config, workdir, resume=resume)
-    except (data.DataError, NonFiniteLossError) as e:
+    except (data.DataError, NonFiniteLossError, ShardingError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -72,6 +72,8 @@ class Config:
     eval_batch_size: int = 250
     workdir: str = ""  # run folder; "" = runs/vision/<config name>
     resume: bool = False  # continue from <workdir>/latest.eqx
+    # --- devices -----------------------------------------------------------------------
+    sharding: Literal["data", "fsdp"] = "data"  # fsdp: large state arrays split over devices
 
     def __post_init__(self):
         n = len(self.channels)

@@ -5,6 +5,12 @@
     python -m experiments.vision.train --config=small --workdir=runs/vision/small --resume
     python -m experiments.vision.train --config=tiny --train-steps=20  # seconds
     python -m experiments.vision.train --config=small --help           # every knob
+    python -m experiments.vision.train --config=paper-10m --sharding=fsdp   # FSDP on many devices
+    python -m experiments.vision.train --config=paper-10m --distributed     # on every host
+
+Data parallel over all visible devices (`batch_size` is the global batch); `--distributed`
+(optionally `--coordinator_address`, `--num_processes`, `--process_id`) first calls
+`jax.distributed.initialize()` for a multi-host run.
 
 Reads top to bottom: config, data, model, optimiser, the jitted train step, evaluation, loop.
 Writes `<workdir>/metrics.jsonl`, `latest.eqx`/`best.eqx` and `curves.png`.
@@ -30,7 +36,7 @@ from experiments.common.config import config_to_dict, parse_config
 from experiments.common.loop import LoopSpec, train_loop, TrainState
 from experiments.common.optim import adamw_cosine, count_params, warmup_cosine
 from experiments.common.plotting import plot_metrics
-from experiments.common.sharding import make_mesh, replicate, shard_batch
+from experiments.common.sharding import DataParallel, initialize_distributed, ShardingError
 
 from . import data as vdata
 from .configs import Config, CONFIGS
@@ -228,6 +234,9 @@ def train_and_evaluate(
     """Train `config` in `workdir` (resuming if `config.resume`), evaluating on the test split;
     returns the final state."""
     workdir = pathlib.Path(workdir)
+    # Devices first: an indivisible batch size fails here, before any data is loaded.
+    parallel = DataParallel(config.batch_size, config.sharding)
+    print(parallel.describe(), flush=True)
     dataset = load_data(config) if dataset is None else dataset
     steps = total_steps(config, len(dataset.x_train))
     state, optimizer, lr_fn = init_state(config, steps, jr.key(config.seed))
@@ -239,15 +248,11 @@ def train_and_evaluate(
         flush=True,
     )
     batches = vdata.Batches(dataset.x_train, dataset.y_train, config.batch_size, config.seed)
-    # Data parallel over all devices. On one device, placing the state with an explicit
-    # sharding only makes the second step recompile (its outputs come back unsharded).
-    mesh = make_mesh() if jax.device_count() > 1 else None
-    if mesh is not None:
-        state = replicate(state, mesh)
+    # Data parallel (or FSDP) over all devices; a no-op on one device.
+    state = parallel.place_state(state)
 
     def get_batch(step: int) -> dict:
-        batch = batches.get(step)
-        return shard_batch(batch, mesh) if mesh is not None else jax.device_put(batch)
+        return parallel.place_batch(batches.get(step))
 
     def evaluate(state: TrainState) -> dict:
         return evaluate_model(
@@ -264,6 +269,7 @@ def train_and_evaluate(
         "config": config_to_dict(config),
         "params": n_params,
         "data": dataset.source,
+        "parallel": parallel.info(),
     }
     spec = LoopSpec(
         total_steps=steps,
@@ -276,7 +282,7 @@ def train_and_evaluate(
     state = train_loop(
         spec=spec,
         state=state,
-        train_step=make_train_step(config, optimizer, lr_fn),
+        train_step=parallel.wrap_step(make_train_step(config, optimizer, lr_fn)),
         get_batch=get_batch,
         evaluate=evaluate,
         header=header,
@@ -311,11 +317,14 @@ def config_name(argv: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> TrainState:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = initialize_distributed(list(sys.argv[1:] if argv is None else argv))
     config, _ = parse_config(CONFIGS, argv, default=DEFAULT_CONFIG)
     name = config_name(argv)
     workdir = config.workdir or default_workdir(name)
-    return train_and_evaluate(config, workdir, name=name)
+    try:
+        return train_and_evaluate(config, workdir, name=name)
+    except ShardingError as e:  # e.g. a batch size the device count does not divide
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
