@@ -43,7 +43,7 @@ class Config:
     max_steps: int = 4  # solver steps (reversible: NFE = 2 * max_steps)
     tol: float = 1e-3  # stop when ||f(z) - z|| / ||f(z)|| < tol
     state_dtype: str | None = (
-        None  # reversible solver state: None (as layer) | "float64" (mixed precision)
+        None  # reversible state: None (as layer) | "float64" | "float32x2" | "exact"
     )
     anderson_m: int = 5  # Anderson history size
     implicit_tol: float = 1e-6  # implicit adjoint: tolerance of the backward linear solve

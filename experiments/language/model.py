@@ -42,6 +42,13 @@ def _dtype(name: str | None):
     return DTYPES[name]
 
 
+STATE_KINDS = ("float32x2", "exact")  # two-float, bit-exact fixed point: passed through
+
+
+def _state_dtype(name: str | None):
+    return name if name in STATE_KINDS else _dtype(name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Solver and adjoint from config strings (strings stop here: the library takes objects)
 
@@ -49,7 +56,7 @@ def _dtype(name: str | None):
 def make_solver(config: Config):
     choices = {
         "reversible": lambda: rdeq.Reversible(
-            beta=config.beta, state_dtype=_dtype(config.state_dtype)
+            beta=config.beta, state_dtype=_state_dtype(config.state_dtype)
         ),
         "relaxed": lambda: rdeq.Relaxed(beta=config.beta),
         "picard": lambda: rdeq.Picard(),

@@ -37,6 +37,9 @@ class Config:
     beta: float = 0.8  # relaxation of the reversible / relaxed solver
     tol: float = 1e-3  # relative-residual stopping tolerance
     mixed_precision: bool = False  # reversible state in float64 (scoped x64)
+    state_dtype: str | None = (
+        None  # reversible state, overrides mixed_precision: "float64" | "float32x2" | "exact"
+    )
     implicit_tol: float = 1e-4  # ImplicitAdjoint linear-solve tolerance (DEQ-IFT baseline)
     implicit_steps: int = 20  # ImplicitAdjoint linear-solve max steps
     bn_momentum: float = 0.9  # BatchNorm running stats: new = m * old + (1 - m) * batch

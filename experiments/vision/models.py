@@ -243,10 +243,17 @@ class NeuralODEClassifier(eqx.Module):
 # ----------------------------------------------------------------------------------------
 
 
-def make_solver(name: str, *, beta: float, mixed_precision: bool = False) -> Any:
-    """Config string -> `revdeq_jax` solver."""
+def make_solver(
+    name: str, *, beta: float, mixed_precision: bool = False, state_dtype: str | None = None
+) -> Any:
+    """Config string -> `revdeq_jax` solver. `state_dtype` ("float64", "float32x2",
+    "exact") overrides `mixed_precision` (a float64 state)."""
     if name == "reversible":
-        return rdeq.Reversible(beta=beta, state_dtype=jnp.float64 if mixed_precision else None)
+        if state_dtype is None:
+            state = jnp.float64 if mixed_precision else None
+        else:
+            state = jnp.float64 if state_dtype == "float64" else state_dtype
+        return rdeq.Reversible(beta=beta, state_dtype=state)
     if name == "relaxed":
         return rdeq.Relaxed(beta=beta)
     if name == "picard":
@@ -283,7 +290,10 @@ def build_model(config: Config, key: PRNGKeyArray, *, adjoint: Any = None) -> tu
     config's gradient strategy (used by the gradient-exactness test)."""
     if config.model in ("implicit-resnet", "single-scale"):
         solver = make_solver(
-            config.solver, beta=config.beta, mixed_precision=config.mixed_precision
+            config.solver,
+            beta=config.beta,
+            mixed_precision=config.mixed_precision,
+            state_dtype=config.state_dtype,
         )
         adjoint = (
             make_adjoint(

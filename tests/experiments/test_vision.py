@@ -385,3 +385,14 @@ def test_end_to_end_tiny(tmp_path):
     assert (tmp_path / "latest.eqx").is_file() and (tmp_path / "curves.png").is_file()
     result = veval.evaluate_workdir(tmp_path, dataset=ds)
     assert 0.0 <= result["acc"] <= 1.0 and result["step"] == cfg.train_steps
+
+
+@pytest.mark.parametrize(
+    "state_dtype,expected",
+    [(None, None), ("float64", jnp.float64), ("float32x2", "float32x2"), ("exact", "exact")],
+)
+def test_solver_state_dtype_from_config(state_dtype, expected):
+    from experiments.vision.models import make_solver
+
+    solver = make_solver("reversible", beta=0.8, state_dtype=state_dtype)
+    assert solver.state_dtype == rdeq.Reversible(0.8, state_dtype=expected).state_dtype
