@@ -83,3 +83,18 @@ def test_deq_default_z0_and_explicit(getkey):
     np.testing.assert_allclose(deq.layer(z_default, x), z_default, atol=1e-5)
     with pytest.raises(ValueError, match="needs `z0` when `x` is not a single array"):
         rdeq.DEQ(lambda z, x: z + x[0], max_steps=2)((x, x))
+
+
+def test_default_solver_is_exact_with_reversible_adjoint(getkey):
+    """The default configuration gives exact gradients at depth: beta = 0.5 with the exact
+    state under `ReversibleAdjoint`; a floating state under adjoints that need one."""
+    layer = MLPBlock(16, key=getkey())
+    deq = rdeq.DEQ(layer)
+    assert deq.solver == rdeq.Reversible(0.5, state_dtype="exact")
+    assert rdeq.DEQ(layer, adjoint=rdeq.UnrolledAdjoint()).solver == rdeq.Reversible(0.5)
+    x = jnp.ones(16)
+    z = deq(x)
+    assert z.dtype == jnp.float32
+    # Same forward pass as a float64 state, up to the 2**-32 grid and float32 rounding.
+    z64 = rdeq.DEQ(layer, solver=rdeq.Reversible(0.5, state_dtype=jnp.float64))(x)
+    np.testing.assert_allclose(z, z64, rtol=0, atol=1e-6)

@@ -36,7 +36,10 @@ class ReversibleAdjoint(AbstractAdjoint):
     of the reconstruction, which grows geometrically with the number of steps (about
     $1/|1-\beta|$ times the Jacobian's growth per step). Check it with
     [`revdeq_jax.reconstruction_error`][]; keep the state in float64
-    (`Reversible(beta, state_dtype=jnp.float64)`) when `fn` runs in float32.
+    (`Reversible(beta, state_dtype=jnp.float64)`) when `fn` runs in float32, and use
+    `Reversible(beta, state_dtype="exact")` for solves deeper than a handful of steps or
+    `beta` near 1: its reversal is exact to the bit at any depth, so the gradient equals
+    the unrolled gradient of the forward pass (see [`revdeq_jax.ExactState`][]).
 
     Cotangents are returned for every floating array closed over by `fn` (its parameters),
     for `args` and for `z0`. Only reversible solvers are accepted.

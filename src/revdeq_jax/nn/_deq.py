@@ -31,7 +31,10 @@ class DEQ(eqx.Module):
     **Arguments:**
 
     - `layer`: the equilibrium function, called as `layer(z, x)`.
-    - `solver`: forward solver (default `Reversible(beta=0.5)`).
+    - `solver`: forward solver. By default `Reversible(beta=0.5, state_dtype="exact")`
+      with the (default) reversible adjoint, whose bit-exact reversal makes the gradient
+      equal the unrolled gradient at any depth for ~10-30% more time than a float32
+      state; `Reversible(beta=0.5)` with any other adjoint.
     - `adjoint`: gradient strategy (default `ReversibleAdjoint()`).
     - `max_steps`: solver step budget.
     - `tol`: relative-residual tolerance (`0`: always take `max_steps` steps).
@@ -39,11 +42,27 @@ class DEQ(eqx.Module):
     """
 
     layer: Callable
-    solver: AbstractSolver = Reversible(beta=0.5)
-    adjoint: AbstractAdjoint = ReversibleAdjoint()
-    max_steps: int = eqx.field(default=8, static=True)
-    tol: float = eqx.field(default=1e-3, static=True)
-    throw: bool = eqx.field(default=False, static=True)
+    solver: AbstractSolver
+    adjoint: AbstractAdjoint
+    max_steps: int = eqx.field(static=True)
+    tol: float = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        layer: Callable,
+        solver: AbstractSolver | None = None,
+        adjoint: AbstractAdjoint | None = None,
+        max_steps: int = 8,
+        tol: float = 1e-3,
+        throw: bool = False,
+    ):
+        self.layer = layer
+        self.adjoint = ReversibleAdjoint() if adjoint is None else adjoint
+        self.solver = default_solver(self.adjoint) if solver is None else solver
+        self.max_steps = max_steps
+        self.tol = tol
+        self.throw = throw
 
     def __check_init__(self):
         check_options(self.solver, self.adjoint, self.max_steps, self.tol)
@@ -79,3 +98,11 @@ class DEQ(eqx.Module):
             throw=self.throw,
         )
         return (sol.value, sol) if return_solution else sol.value
+
+
+def default_solver(adjoint: AbstractAdjoint, beta: float = 0.5) -> Reversible:
+    """The solver a model gets when it names none: `Reversible(beta)` with the exact state
+    when `adjoint` is reversible (exact gradients at any depth), a floating state otherwise
+    (which every adjoint can differentiate)."""
+    exact = isinstance(adjoint, ReversibleAdjoint)
+    return Reversible(beta=beta, state_dtype="exact" if exact else None)

@@ -13,12 +13,13 @@ from jaxtyping import Array, Float, PRNGKeyArray
 import revdeq_jax as rdeq
 
 from ._conv import ConvResidualLayer, default_groups
+from ._deq import default_solver
 
 
 def _solver_adjoint(solver, adjoint):
     # Resolved lazily: `revdeq_jax` may still be importing when this module is.
-    solver = rdeq.Reversible(beta=0.8) if solver is None else solver
     adjoint = rdeq.ReversibleAdjoint() if adjoint is None else adjoint
+    solver = default_solver(adjoint, beta=0.8) if solver is None else solver
     return solver, adjoint
 
 
@@ -141,7 +142,8 @@ class ImplicitResNet(eqx.Module):
           function, and maximum solver steps (equal lengths).
         - `in_channels`, `num_classes`: input channels and number of logits.
         - `solver`, `adjoint`: the fixed-point solver and gradient strategy of every block
-          (default `rdeq.Reversible(beta=0.8)`, `rdeq.ReversibleAdjoint()`).
+          (default `rdeq.ReversibleAdjoint()` and `rdeq.Reversible(beta=0.8)` with the
+          exact state, or a floating state under another adjoint).
         - `tol`: relative-residual tolerance of every block.
         - `bn_momentum`: BatchNorm running-statistics momentum (Equinox convention:
           `new = momentum * old + (1 - momentum) * batch`).
