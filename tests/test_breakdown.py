@@ -54,3 +54,16 @@ def test_report_hook_gives_reconstruction_error_from_backward_pass(x64, getkey):
         assert 0.5 <= reports[-1]["abs"] / float(rec["abs"]) <= 2.0
     assert len(reports) == 1
     assert reports[0]["rel"] > 1e-2  # the broken case of the test above is flagged
+
+
+def test_overflowed_reconstruction_is_reported_as_inf():
+    """XLA's CPU max-reduction drops NaNs on large arrays (measured: `jnp.max` of 8192
+    zeros and one NaN is 0), which made an overflowed reconstruction read as exact."""
+    from revdeq_jax._adjoint.reversible import initial_state_deviation
+
+    z0 = jnp.zeros(8192)
+    broken = z0.at[5].set(jnp.nan)
+    dev = jax.jit(initial_state_deviation, static_argnums=0)(rdeq.Reversible(0.5), broken, z0, z0)
+    assert float(dev["abs"]) == float("inf")
+    exact = jax.jit(initial_state_deviation, static_argnums=0)(rdeq.Reversible(0.5), z0, z0, z0)
+    assert float(exact["abs"]) == 0.0
