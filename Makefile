@@ -50,6 +50,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.adjoints --out benchmarks/results
+	$(PY) -m benchmarks.precision --out benchmarks/results
 
 train-wikitext: $(STAMP)
 	$(PY) -m experiments.language.train --config=$(CONFIG) $(LM_DATA_FLAG) --workdir=$(RUNS)/wikitext-$(CONFIG)
