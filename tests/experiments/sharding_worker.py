@@ -64,16 +64,15 @@ def _vision():
     from experiments.vision.configs import CONFIGS
 
     # augment=True: the random crop/flip key must give the same images when sharded.
-    config = dataclasses.replace(CONFIGS["tiny"], batch_size=BATCH, beta=0.5, mixed_precision=True)
+    # The exact state: reversal rebuilds each device's forward pass to the bit, so the
+    # only difference from one device is the reduction order of the forward pass. (With a
+    # float32 state at beta = 0.8 the reconstruction error, different on each layout, made
+    # the gradients differ by 2e-3; the z0 = 0 ReLU kink of the conv block then matters too.)
+    config = dataclasses.replace(CONFIGS["tiny"], batch_size=BATCH, state_dtype="exact")
 
     def build(mode: str):
         config_ = dataclasses.replace(config, sharding=mode)
         state, optimizer, lr_fn = train.init_state(config_, 10, jr.key(0))
-        # At initialisation the norm biases are 0 and z0 = 0, so the first ReLU sits exactly
-        # on its kink and round-off in the reversible reconstruction (which differs with the
-        # reduction order) picks its derivative (see test_vision._perturbed). Move off it.
-        model = _perturbed(state.model, jr.key(5))
-        state = eqx.tree_at(lambda s: s.model, state, model)
         return state, train.make_train_step(config_, optimizer, lr_fn)
 
     rng = np.random.default_rng(0)
@@ -82,18 +81,6 @@ def _vision():
         "label": (np.arange(BATCH) % 10).astype(np.int32),
     }
     return build, batch, config.lr
-
-
-def _perturbed(tree, key, scale: float = 0.1):
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jr.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [
-            x + scale * jr.normal(k, x.shape, x.dtype) if eqx.is_inexact_array(x) else x
-            for x, k in zip(leaves, keys)
-        ],
-    )
 
 
 def _inexact(tree) -> list[jax.Array]:
