@@ -90,7 +90,7 @@ def test_default_solver_is_exact_with_reversible_adjoint(getkey):
     state under `ReversibleAdjoint`; a floating state under adjoints that need one."""
     layer = MLPBlock(16, key=getkey())
     deq = rdeq.DEQ(layer)
-    assert deq.solver == rdeq.Reversible(0.5, state_dtype="exact")
+    assert deq.solver == rdeq.Reversible(0.5, state_dtype="auto")
     assert rdeq.DEQ(layer, adjoint=rdeq.UnrolledAdjoint()).solver == rdeq.Reversible(0.5)
     x = jnp.ones(16)
     z = deq(x)

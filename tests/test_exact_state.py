@@ -246,3 +246,32 @@ def test_exact_state_errors():
             max_steps=3,
         )
     assert rdeq.Reversible(0.5, state_dtype="exact").state_dtype == rdeq.ExactState()
+
+
+def test_auto_state_picks_exact_only_where_it_fits():
+    auto = rdeq.Reversible(0.8, state_dtype="auto")
+    assert auto.specialise(jnp.zeros(3, jnp.float32)).state_dtype == rdeq.ExactState()
+    assert auto.specialise(jnp.zeros(3, jnp.bfloat16)).state_dtype == rdeq.ExactState()
+    with jax.enable_x64(True):
+        # A float64 model keeps float64: the 2**-32 grid would be coarser than its state.
+        assert auto.specialise(jnp.zeros(3, jnp.float64)).state_dtype is None
+    irrational = rdeq.Reversible(0.7071067811865476, state_dtype="auto")
+    assert irrational.specialise(jnp.zeros(3)).state_dtype is None
+
+
+def test_auto_state_reconstructs_to_the_bit(getkey):
+    """Through `fixed_point`: the float32 attention block at beta = 0.9 and 32 steps, where
+    a float64 state's reconstruction has blown up, reverses exactly."""
+    block, x = make_block("attention", key=getkey(), dtype=jnp.float32)
+    auto = rdeq.Reversible(0.9, state_dtype="auto")
+    err = rdeq.reconstruction_error(block, jnp.zeros_like(x), x, solver=auto, max_steps=32, tol=0.0)
+    assert float(err["abs"]) == 0.0
+    err64 = rdeq.reconstruction_error(
+        block,
+        jnp.zeros_like(x),
+        x,
+        solver=rdeq.Reversible(0.9, state_dtype=jnp.float64),
+        max_steps=32,
+        tol=0.0,
+    )
+    assert not float(err64["abs"]) < 1e-3

@@ -59,7 +59,6 @@ def prepare(fn: Fn, z0: Z, args: Args, solver: AbstractSolver) -> tuple[UserFn, 
                 f"`z0` must hold real floating arrays, but has a leaf of dtype "
                 f"{leaf.dtype}. Cast it, e.g. `z0.astype(jnp.float32)`."
             )
-    check_state_dtype_for(solver.state_dtype, z0)
     out = jax.eval_shape(lambda z, a: fn(z, a), z0, args)
     in_struct = jax.eval_shape(lambda: z0)
     if jtu.tree_structure(out) != jtu.tree_structure(in_struct):
@@ -122,8 +121,10 @@ def fixed_point(
     check_options(solver, adjoint, max_steps, tol)
     if not isinstance(throw, bool):
         raise TypeError(f"`throw` must be a bool, got {throw!r}.")
-    adjoint.check(solver)
     fn, z0 = prepare(fn, z0, args, solver)
+    solver = solver.specialise(z0)
+    check_state_dtype_for(solver.state_dtype, z0)
+    adjoint.check(solver)
     out = adjoint.apply(iterate, fn, solver, z0, args, max_steps=max_steps, tol=tol)
     result = classify(out.converged, out.finite, tol)
     value = out.value
@@ -168,6 +169,8 @@ def reconstruction_error(
             f"`Reversible(beta)`, got `{type(solver).__name__}`."
         )
     fn, z0 = prepare(fn, z0, args, solver)
+    solver = solver.specialise(z0)
+    check_state_dtype_for(solver.state_dtype, z0)
     out = iterate(fn, solver, z0, args, max_steps=max_steps, tol=tol, kind="lax")
     with state_scope(solver.state_dtype):
         y, z = solver.coupled(out.state)

@@ -30,6 +30,7 @@ def x64_enabled() -> bool:
 
 TWO_FLOAT = "float32x2"
 EXACT = "exact"
+AUTO = "auto"
 
 
 def is_two_float(state_dtype: Any) -> bool:
@@ -40,13 +41,22 @@ def is_exact(state_dtype: Any) -> bool:
     return isinstance(state_dtype, ExactState)
 
 
+def is_auto(state_dtype: Any) -> bool:
+    return isinstance(state_dtype, str) and state_dtype == AUTO
+
+
 def check_state_dtype(state_dtype: Any) -> Any:
     """Normalises `state_dtype` (`None` = the dtype of `z0`) and checks it is a float.
 
     Besides a floating dtype, the string `"float32x2"` selects a two-float state, and
     `"exact"` (or an `ExactState`) the bit-exact fixed-point state.
     """
-    if state_dtype is None or is_two_float(state_dtype) or is_exact(state_dtype):
+    if (
+        state_dtype is None
+        or is_two_float(state_dtype)
+        or is_exact(state_dtype)
+        or is_auto(state_dtype)
+    ):
         return state_dtype
     if isinstance(state_dtype, str) and state_dtype == EXACT:
         return ExactState()
@@ -55,8 +65,8 @@ def check_state_dtype(state_dtype: Any) -> Any:
     except TypeError as e:
         raise ValueError(
             f"`state_dtype={state_dtype!r}` is not a dtype. Use `None` (the dtype of "
-            '`z0`), `jnp.float32`, `jnp.float64`, `"float32x2"` (two-float) or `"exact"` '
-            "(bit-exact fixed point)."
+            '`z0`), `jnp.float32`, `jnp.float64`, `"float32x2"` (two-float), `"exact"` '
+            '(bit-exact fixed point) or `"auto"`.'
         ) from e
     if dtype not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
         raise ValueError(

@@ -46,6 +46,16 @@ class AbstractSolver(eqx.Module, Generic[SolverState]):
         Used for the stopping test (the relative residual) and for the output.
         """
 
+    def specialise(self, z0: Z) -> "AbstractSolver":
+        """This solver, with any choice that depends on the initial state made.
+
+        Called by [`revdeq_jax.fixed_point`][] before anything else sees the solver (e.g.
+        `Reversible(state_dtype="auto")` picks its state from the dtype of `z0`). The
+        default returns `self`.
+        """
+        del z0
+        return self
+
     def with_max_steps(self, max_steps: int) -> "AbstractSolver":
         """This solver, prepared for a loop of at most `max_steps` steps.
 

@@ -21,7 +21,7 @@ from .._misc import (
     tree_scale,
     tree_sub,
 )
-from .._precision import check_state_dtype, is_exact, is_two_float
+from .._precision import check_state_dtype, is_auto, is_exact, is_two_float
 from .base import AbstractReversibleSolver
 
 
@@ -84,8 +84,10 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
     **Arguments:**
 
     - `beta`: relaxation in $(0, 2)$, not 1.
-    - `state_dtype`: `None` (the dtype of `z0`), a floating dtype, `"float32x2"`, or
-      `"exact"` / [`revdeq_jax.ExactState`][].
+    - `state_dtype`: `None` (the dtype of `z0`), a floating dtype, `"float32x2"`,
+      `"exact"` / [`revdeq_jax.ExactState`][], or `"auto"`: the exact state when `z0` is
+      at most 32-bit and `beta` a ratio of small integers, else the dtype of `z0` (the
+      exact state's fixed-point grid, 2**-32, would be coarser than a float64 `z0`).
     - `buffer_steps`: set by [`revdeq_jax.fixed_point`][] from `max_steps` (it sizes the
       information buffer of an exact state); leave it unset.
 
@@ -122,6 +124,20 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
         if self._exact:
             rational_beta(self.beta)  # raises if beta is not a ratio of small integers
 
+    def specialise(self, z0: Z) -> "Reversible":
+        if not is_auto(self.state_dtype):
+            return self
+        narrow = all(
+            jnp.issubdtype(leaf.dtype, jnp.floating) and jnp.dtype(leaf.dtype).itemsize <= 4
+            for leaf in jtu.tree_leaves(z0)
+        )
+        try:
+            rational_beta(self.beta)
+            rational = True
+        except ValueError:
+            rational = False
+        return dataclasses.replace(self, state_dtype="exact" if narrow and rational else None)
+
     def with_max_steps(self, max_steps: int) -> "Reversible":
         if self._exact:
             return dataclasses.replace(self, buffer_steps=max_steps)
@@ -144,6 +160,11 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
         return ExactArithmetic(a, b, self.state_dtype.fraction_bits)
 
     def _up(self, tree: PyTree) -> PyTree:
+        if is_auto(self.state_dtype):
+            raise ValueError(
+                '`state_dtype="auto"` is resolved by `fixed_point` from `z0`; call '
+                "`solver.specialise(z0)` first when driving the solver by hand."
+            )
         if self._exact:
             if self.buffer_steps is None:
                 raise ValueError(

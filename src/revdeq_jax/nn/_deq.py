@@ -31,10 +31,11 @@ class DEQ(eqx.Module):
     **Arguments:**
 
     - `layer`: the equilibrium function, called as `layer(z, x)`.
-    - `solver`: forward solver. By default `Reversible(beta=0.5, state_dtype="exact")`
-      with the (default) reversible adjoint, whose bit-exact reversal makes the gradient
-      equal the unrolled gradient at any depth for ~10-30% more time than a float32
-      state; `Reversible(beta=0.5)` with any other adjoint.
+    - `solver`: forward solver. By default `Reversible(beta=0.5, state_dtype="auto")` with
+      the (default) reversible adjoint: for float32/bfloat16 models the exact state, whose
+      bit-exact reversal makes the gradient equal the unrolled gradient at any depth for
+      ~10-30% more time than a float32 state; float64 models keep a float64 state.
+      `Reversible(beta=0.5)` with any other adjoint.
     - `adjoint`: gradient strategy (default `ReversibleAdjoint()`).
     - `max_steps`: solver step budget.
     - `tol`: relative-residual tolerance (`0`: always take `max_steps` steps).
@@ -102,7 +103,8 @@ class DEQ(eqx.Module):
 
 def default_solver(adjoint: AbstractAdjoint, beta: float = 0.5) -> Reversible:
     """The solver a model gets when it names none: `Reversible(beta)` with the exact state
-    when `adjoint` is reversible (exact gradients at any depth), a floating state otherwise
-    (which every adjoint can differentiate)."""
+    when `adjoint` is reversible and the model at most 32-bit (`state_dtype="auto"`:
+    exact gradients at any depth), a floating state otherwise (which every adjoint can
+    differentiate, and which a float64 model needs for its precision)."""
     exact = isinstance(adjoint, ReversibleAdjoint)
-    return Reversible(beta=beta, state_dtype="exact" if exact else None)
+    return Reversible(beta=beta, state_dtype="auto" if exact else None)
