@@ -275,3 +275,27 @@ def test_auto_state_reconstructs_to_the_bit(getkey):
         tol=0.0,
     )
     assert not float(err64["abs"]) < 1e-3
+
+
+@pytest.mark.parametrize("adjoint", [rdeq.ImplicitAdjoint(), rdeq.PhantomAdjoint(steps=3)])
+def test_exact_state_with_approximate_adjoints(adjoint, getkey):
+    """Adjoints that differentiate `fn` at the solution accept the exact state and give
+    the gradient they give with a floating state (the solutions agree to the 2**-32 grid)."""
+    block, x = make_block("mlp", key=getkey(), dtype=jnp.float32)
+
+    def grad(state_dtype):
+        def loss(x):
+            sol = rdeq.fixed_point(
+                block,
+                jnp.zeros_like(x),
+                x,
+                solver=rdeq.Reversible(0.5, state_dtype=state_dtype),
+                adjoint=adjoint,
+                max_steps=40,
+                tol=1e-6,
+            )
+            return jnp.sum(sol.value**2)
+
+        return jax.grad(loss)(x)
+
+    assert tree_rel_error(grad("exact"), grad(jnp.float64)) <= 1e-5
