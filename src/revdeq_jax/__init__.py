@@ -14,7 +14,6 @@ from ._adjoint import (
     ReversibleAdjoint as ReversibleAdjoint,
     UnrolledAdjoint as UnrolledAdjoint,
 )
-from ._exact import ExactState as ExactState
 from ._fixed_point import (
     fixed_point as fixed_point,
     reconstruction_error as reconstruction_error,
@@ -28,6 +27,13 @@ from ._solver import (
     Picard as Picard,
     Relaxed as Relaxed,
     Reversible as Reversible,
+)
+from ._state import (
+    AbstractState as AbstractState,
+    AutoState as AutoState,
+    ExactState as ExactState,
+    FloatState as FloatState,
+    TwoFloatState as TwoFloatState,
 )
 from .nn import DEQ as DEQ
 

@@ -1,21 +1,24 @@
 """The one entry point: `fixed_point`."""
 
+import functools as ft
 import numbers
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import PyTree
+import numpy as np
 
 from ._adjoint.base import AbstractAdjoint
-from ._adjoint.reversible import initial_state_deviation, ReversibleAdjoint
+from ._adjoint.implicit import ImplicitAdjoint
+from ._adjoint.reversible import ReversibleAdjoint
 from ._custom_types import Args, Fn, Z
 from ._iterate import iterate
-from ._precision import check_state_dtype_for, state_scope, UserFn, x64_enabled
+from ._precision import UserFn
 from ._solution import classify, RESULTS, Solution
 from ._solver.base import AbstractReversibleSolver, AbstractSolver
 from ._solver.reversible import Reversible
+from ._state import x64_enabled
 
 
 def check_options(solver, adjoint, max_steps, tol) -> None:
@@ -42,7 +45,7 @@ def check_options(solver, adjoint, max_steps, tol) -> None:
         )
 
 
-def prepare(fn: Fn, z0: Z, args: Args, solver: AbstractSolver) -> tuple[UserFn, Z]:
+def _check_fn(fn: Fn, z0: Z, args: Args) -> tuple[UserFn, Z]:
     """Checks `z0` and `fn`'s output against each other, and closure-converts `fn`.
 
     Closure conversion makes every array `fn` closes over (e.g. the parameters of a layer
@@ -79,6 +82,36 @@ def prepare(fn: Fn, z0: Z, args: Args, solver: AbstractSolver) -> tuple[UserFn, 
     return UserFn(fn, x64_enabled()), z0
 
 
+def default_adjoint(solver: AbstractSolver) -> AbstractAdjoint:
+    """The adjoint used when none is named: [`revdeq_jax.ReversibleAdjoint`][] for a
+    reversible solver, [`revdeq_jax.ImplicitAdjoint`][] (the classic DEQ gradient) for
+    any other."""
+    if isinstance(solver, AbstractReversibleSolver):
+        return ReversibleAdjoint()
+    return ImplicitAdjoint()
+
+
+def setup(
+    fn: Fn,
+    z0: Z,
+    args: Args,
+    solver: AbstractSolver,
+    adjoint: AbstractAdjoint | None,
+    max_steps: int,
+    tol: float,
+) -> tuple[UserFn, Z, AbstractSolver]:
+    """Everything `fixed_point` does before solving, once: option checks, `fn` against
+    `z0`, closure conversion, and the solver prepared for `z0` and `max_steps` (the one
+    object the forward and the backward pass both use)."""
+    check_options(solver, adjoint, max_steps, tol)
+    fn, z0 = _check_fn(fn, z0, args)
+    differentiable = adjoint is not None and adjoint.differentiates_solver
+    solver = solver.prepare(z0, max_steps, differentiable=differentiable)
+    if adjoint is not None:
+        adjoint.check(solver)
+    return fn, z0, solver
+
+
 @eqx.filter_jit
 def fixed_point(
     fn: Fn,
@@ -86,7 +119,7 @@ def fixed_point(
     args: Args = None,
     *,
     solver: AbstractSolver = Reversible(beta=0.5),
-    adjoint: AbstractAdjoint = ReversibleAdjoint(),
+    adjoint: AbstractAdjoint | None = None,
     max_steps: int = 8,
     tol: float = 1e-3,
     throw: bool = False,
@@ -100,11 +133,12 @@ def fixed_point(
       flow to every floating array it holds.
     - `z0`: the initial guess, a PyTree of floating arrays (zeros are usual).
     - `args`: anything else `fn` needs, e.g. the input injection $x$. Differentiable.
-    - `solver`: a solver, e.g. [`revdeq_jax.Reversible`][] (the default, `beta=0.5`),
-      [`revdeq_jax.Anderson`][].
-    - `adjoint`: how to differentiate, e.g. [`revdeq_jax.ReversibleAdjoint`][] (the
-      default: exact, constant memory), [`revdeq_jax.UnrolledAdjoint`][],
-      [`revdeq_jax.ImplicitAdjoint`][].
+    - `solver`: a solver, e.g. [`revdeq_jax.Reversible`][] (the default, `beta=0.5`,
+      with the exact state for a float32 `z0`), [`revdeq_jax.Anderson`][].
+    - `adjoint`: how to differentiate, e.g. [`revdeq_jax.ReversibleAdjoint`][] (exact,
+      memory constant in the iterates), [`revdeq_jax.UnrolledAdjoint`][],
+      [`revdeq_jax.ImplicitAdjoint`][]. `None` (the default): `ReversibleAdjoint()` for a
+      reversible solver, `ImplicitAdjoint()` for any other.
     - `max_steps`: the most solver steps to take (each step of `Reversible` evaluates `fn`
       twice).
     - `tol`: stop once the relative residual $\|f(z) - z\| / \|f(z)\|$ is below `tol`;
@@ -118,14 +152,12 @@ def fixed_point(
     Acts on whatever it is given; under `jax.vmap` each example stops on its own residual
     and gets its own `num_steps`, `residual` and `result`.
     """
-    check_options(solver, adjoint, max_steps, tol)
     if not isinstance(throw, bool):
         raise TypeError(f"`throw` must be a bool, got {throw!r}.")
-    fn, z0 = prepare(fn, z0, args, solver)
-    solver = solver.specialise(z0)
-    check_state_dtype_for(solver.state_dtype, z0)
-    adjoint.check(solver)
-    out = adjoint.apply(iterate, fn, solver, z0, args, max_steps=max_steps, tol=tol)
+    adjoint = default_adjoint(solver) if adjoint is None else adjoint
+    fn, z0, solver = setup(fn, z0, args, solver, adjoint, max_steps, tol)
+    primal = ft.partial(iterate, solver=solver, max_steps=max_steps, tol=tol)
+    out = adjoint.apply(primal, (fn, args, z0), solver)
     result = classify(out.converged, out.finite, tol)
     value = out.value
     if throw:
@@ -140,27 +172,35 @@ def fixed_point(
     )
 
 
-@eqx.filter_jit
 def reconstruction_error(
     fn: Fn,
     z0: Z,
     args: Args = None,
     *,
-    solver: Reversible = Reversible(beta=0.5),
+    solver: AbstractReversibleSolver = Reversible(beta=0.5),
     max_steps: int = 8,
     tol: float = 1e-3,
-) -> PyTree:
-    r"""How exactly the reversible solver rebuilds its start from its end.
+) -> dict[str, np.ndarray]:
+    r"""How exactly a reversible backward pass rebuilds its start from its end.
 
-    Runs the forward solve, then inverts every step from the final $(y_N, z_N)$ with the
-    same arithmetic [`revdeq_jax.ReversibleAdjoint`][] uses on its backward pass, and
-    compares the reconstructed $(y_0, z_0)$ with the true initial state. Zero means the
-    reversible gradient equals the gradient of the unrolled computation; a large value
-    means the reversible gradient has drifted from it (the error grows geometrically with
-    the number of steps).
+    Compiles and runs one gradient of a [`revdeq_jax.fixed_point`][] solve with
+    [`revdeq_jax.ReversibleAdjoint`][] (the real backward pass, with its re-evaluations of
+    `fn`), and returns what that backward pass measured when it compared its
+    reconstructed $(y_0, z_0)$ with the true initial state. Zero means the reversible
+    gradient equals the gradient of the unrolled computation; a large value means it
+    has drifted (geometrically with the number of steps, for floating states).
 
-    **Returns:** a dict of scalars: `"abs"`, the largest absolute deviation over $y_0$ and
-    $z_0$; `"rel"`, that divided by $\max(\max|z_0|, 1)$; and `"num_steps"`.
+    !!! warning
+
+        This is a program of its own. Your training step is another, which XLA may
+        compile differently; the check that watches *it* is the one
+        `ReversibleAdjoint(on_mismatch=..., report=...)` makes on every backward pass.
+        Call this function outside `jit`.
+
+    **Returns:** a dict of scalars (arrays of per-example values under `vmap`): `"abs"`,
+    the largest absolute deviation over $y_0$ and $z_0$; `"rel"`, that divided by
+    $\max(\max|z_0|, 1)$; `"drift"` (see [`revdeq_jax.ReversibleAdjoint`][]);
+    `"mismatch"`; and `"num_steps"`.
     """
     check_options(solver, None, max_steps, tol)
     if not isinstance(solver, AbstractReversibleSolver):
@@ -168,17 +208,18 @@ def reconstruction_error(
             "`reconstruction_error` needs a reversible solver such as "
             f"`Reversible(beta)`, got `{type(solver).__name__}`."
         )
-    fn, z0 = prepare(fn, z0, args, solver)
-    solver = solver.specialise(z0)
-    check_state_dtype_for(solver.state_dtype, z0)
-    out = iterate(fn, solver, z0, args, max_steps=max_steps, tol=tol, kind="lax")
-    with state_scope(solver.state_dtype):
-        y, z = solver.coupled(out.state)
+    reports = []
+    adjoint = ReversibleAdjoint(on_mismatch="ignore", report=reports.append)
 
-        def _body(carry):
-            n, y, z = carry
-            y, z = solver.reverse_step(fn, args, y, z, z0)
-            return n - 1, y, z
+    def _loss(z0):
+        sol = fixed_point(
+            fn, z0, args, solver=solver, adjoint=adjoint, max_steps=max_steps, tol=tol
+        )
+        total = sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jtu.tree_leaves(sol.value))
+        return total, sol.num_steps
 
-        _, y, z = jax.lax.while_loop(lambda c: c[0] > 0, _body, (out.num_steps, y, z))
-        return {**initial_state_deviation(solver, y, z, z0), "num_steps": out.num_steps}
+    z0 = jtu.tree_map(jnp.asarray, z0)
+    _, num_steps = jax.jit(jax.grad(_loss, has_aux=True))(z0)
+    jax.effects_barrier()
+    report = {k: np.asarray(v) for k, v in reports[-1].items()}
+    return {**report, "num_steps": np.asarray(num_steps)}

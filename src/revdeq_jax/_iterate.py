@@ -1,6 +1,14 @@
-"""The one loop that drives every solver. Adjoints choose how it is run and differentiated."""
+"""The one loop that drives every solver, and the loops an adjoint may run it with.
 
-from typing import Any, Literal
+`iterate` is the primal computation. It is written once; an adjoint decides how it is
+run and differentiated by handing it a `while_loop`: `lax_while_loop` (not
+reverse-differentiable, constant memory), `unrolled_while_loop` (a masked `lax.scan`
+that reverse-mode autodiff stores step by step) or `checkpointed_while_loop` (Equinox's
+online recursive checkpointing).
+"""
+
+from collections.abc import Callable
+from typing import Any, TypeAlias
 
 import equinox as eqx
 import equinox.internal as eqxi
@@ -11,11 +19,36 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._custom_types import Args, Fn, Z
 from ._misc import relative_residual
-from ._precision import state_scope
 from ._solver.base import AbstractSolver
 
 
-LoopKind = Literal["lax", "unrolled", "checkpointed"]
+Inputs: TypeAlias = tuple[Fn, Args, Z]  # (fn, args, z0): what gradients flow to
+WhileLoop: TypeAlias = Callable[..., Any]  # (cond, body, init, *, max_steps) -> carry
+
+
+def lax_while_loop(cond, body, init, *, max_steps: int):
+    """`lax.while_loop`: stops as soon as `cond` fails; forward-mode autodiff only."""
+    del max_steps
+    return jax.lax.while_loop(cond, body, init)
+
+
+def unrolled_while_loop(cond, body, init, *, max_steps: int):
+    """A `lax.scan` over `max_steps` steps, those after `cond` fails masked out: the
+    value of `lax_while_loop`, and reverse-mode autodiff stores every step."""
+
+    def _step(carry, _):
+        active = cond(carry)
+        new = body(carry)
+        return jtu.tree_map(lambda a, b: jnp.where(active, a, b), new, carry), None
+
+    out, _ = jax.lax.scan(_step, init, None, length=max_steps)
+    return out
+
+
+def checkpointed_while_loop(cond, body, init, *, max_steps: int):
+    """Equinox's checkpointed while loop: reverse-differentiable in O(log max_steps)
+    memory, recomputing steps on the backward pass."""
+    return eqxi.while_loop(cond, body, init, max_steps=max_steps, kind="checkpointed")
 
 
 class LoopResult(eqx.Module):
@@ -30,7 +63,7 @@ class LoopResult(eqx.Module):
     state: Any = None  # the final solver state; dropped before leaving custom VJPs
 
 
-def residual_of(solver: AbstractSolver, state) -> tuple[Array, Array]:
+def _residual(solver: AbstractSolver, state) -> tuple[Array, Array]:
     """Relative residual of the current iterate, and whether it is finite."""
     z, fz = solver.current(state)
     res = relative_residual(z, fz)
@@ -38,72 +71,42 @@ def residual_of(solver: AbstractSolver, state) -> tuple[Array, Array]:
 
 
 def iterate(
-    fn: Fn,
-    solver: AbstractSolver,
-    z0: Z,
-    args: Args,
+    inputs: Inputs,
+    while_loop: WhileLoop,
     *,
+    solver: AbstractSolver,
     max_steps: int,
     tol: float,
-    kind: LoopKind,
 ) -> LoopResult:
     """Runs `solver` from `z0` until the relative residual drops below `tol` (never, if
     `tol == 0`), a non-finite value appears, or `max_steps` steps are taken.
 
-    `kind` picks the loop: `"lax"` (`lax.while_loop`, not reverse-differentiable),
-    `"unrolled"` (a `lax.scan` over `max_steps` whose steps after stopping are masked out,
-    so reverse-mode autodiff stores every step) or `"checkpointed"` (Equinox's
-    checkpointed while loop).
+    `inputs = (fn, args, z0)`; `solver` must already be prepared
+    (`solver.prepare(z0, max_steps)`).
     """
-    solver = solver.with_max_steps(max_steps)
-    with state_scope(solver.state_dtype):
+    fn, args, z0 = inputs
+    with solver.scope():
         state0 = solver.init(fn, z0, args)
-        n0 = jnp.zeros((), jnp.int32)
-
-        def _keep_going(state):
-            res, finite = residual_of(solver, state)
-            return finite & ~(res < tol)
 
         def _cond(carry):
             n, state = carry
-            return (n < max_steps) & _keep_going(state)
+            res, finite = _residual(solver, state)
+            return (n < max_steps) & finite & ~(res < tol)
 
         def _body(carry):
             n, state = carry
             return n + 1, solver.step(fn, state, args)
 
-        if kind == "lax":
-            n, state = jax.lax.while_loop(_cond, _body, (n0, state0))
-        elif kind == "checkpointed":
-            n, state = eqxi.while_loop(
-                _cond, _body, (n0, state0), max_steps=max_steps, kind="checkpointed"
-            )
-        elif kind == "unrolled":
-
-            def _scan_body(carry, _):
-                n, state = carry
-                active = _keep_going(state)
-                new_state = solver.step(fn, state, args)
-                dynamic_new, static = eqx.partition(new_state, eqx.is_array)
-                dynamic_old, _ = eqx.partition(state, eqx.is_array)
-                dynamic = jtu.tree_map(
-                    lambda a, b: jnp.where(active, a, b), dynamic_new, dynamic_old
-                )
-                return (n + active.astype(jnp.int32), eqx.combine(dynamic, static)), None
-
-            (n, state), _ = jax.lax.scan(_scan_body, (n0, state0), None, length=max_steps)
-        else:
-            raise ValueError(f"Unknown loop kind {kind!r}.")
-
-        res, finite = residual_of(solver, state)
+        init = (jnp.zeros((), jnp.int32), state0)
+        n, state = while_loop(_cond, _body, init, max_steps=max_steps)
+        res, finite = _residual(solver, state)
         value, _ = solver.current(state)
-        nfe = 1 + solver.nfe_per_step * n
         return LoopResult(
             value=value,
             num_steps=n,
             residual=res.astype(jnp.float32),
             converged=res < tol,
             finite=finite,
-            nfe=nfe.astype(jnp.int32),
+            nfe=(1 + solver.nfe_per_step * n).astype(jnp.int32),
             state=state,
         )

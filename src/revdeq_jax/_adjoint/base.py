@@ -2,11 +2,11 @@
 
 import abc
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 
-from .._custom_types import Args, Fn, Z
-from .._iterate import LoopResult
+from .._iterate import Inputs, LoopResult, WhileLoop
 from .._solver.base import AbstractSolver
 
 
@@ -14,8 +14,13 @@ class AbstractAdjoint(eqx.Module):
     """Abstract base class for the ways of differentiating a fixed-point solve.
 
     The loop itself is written once (`iterate`); an adjoint is handed that primal
-    function and decides how it is run and how gradients flow through it.
+    function, runs it with a loop of its choice and decides how gradients flow through
+    it.
     """
+
+    differentiates_solver: ClassVar[bool] = False
+    """Whether `apply` differentiates through the solver's steps with autodiff (then the
+    solver's own arithmetic must have a derivative)."""
 
     def check(self, solver: AbstractSolver) -> None:
         """Raises at trace time if this adjoint cannot differentiate `solver`."""
@@ -24,24 +29,21 @@ class AbstractAdjoint(eqx.Module):
     @abc.abstractmethod
     def apply(
         self,
-        primal: Callable[..., LoopResult],
-        fn: Fn,
+        primal: Callable[[Inputs, WhileLoop], LoopResult],
+        inputs: Inputs,
         solver: AbstractSolver,
-        z0: Z,
-        args: Args,
-        *,
-        max_steps: int,
-        tol: float,
     ) -> LoopResult:
         """Solves for the fixed point, differentiably.
 
         **Arguments:**
 
-        - `primal`: the loop, `primal(fn, solver, z0, args, *, max_steps, tol, kind)`.
-        - `fn`: the function, a PyTree whose array leaves are its closed-over arrays
-          (parameters); cotangents must flow to them.
-        - `solver`, `z0`, `args`, `max_steps`, `tol`: as in
-          [`revdeq_jax.fixed_point`][].
+        - `primal`: the loop, `primal(inputs, while_loop)`, with the solver, `max_steps`
+          and `tol` already bound; the adjoint runs it with a `while_loop` of its choice
+          (`lax_while_loop`, `unrolled_while_loop`, `checkpointed_while_loop`) and decides
+          how gradients flow through it.
+        - `inputs`: `(fn, args, z0)`, everything cotangents flow to. `fn` is a PyTree
+          whose array leaves are its closed-over arrays (parameters).
+        - `solver`: the prepared solver `primal` runs (for backward passes that need it).
 
         **Returns:** a `LoopResult`, whose `value` carries the gradient.
         """

@@ -4,9 +4,10 @@ from collections.abc import Callable
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
 
-from .._custom_types import Args, Fn, Z
-from .._iterate import iterate, LoopResult
+from .._iterate import Inputs, iterate, lax_while_loop, LoopResult, WhileLoop
 from .._misc import materialise, tree_add
 from .._solver.anderson import Anderson
 from .._solver.base import AbstractSolver
@@ -54,42 +55,35 @@ class ImplicitAdjoint(AbstractAdjoint):
 
     def apply(
         self,
-        primal: Callable[..., LoopResult],
-        fn: Fn,
+        primal: Callable[[Inputs, WhileLoop], LoopResult],
+        inputs: Inputs,
         solver: AbstractSolver,
-        z0: Z,
-        args: Args,
-        *,
-        max_steps: int,
-        tol: float,
     ) -> LoopResult:
-        del primal
-        out = _implicit_solve((fn, args, z0), solver, max_steps, tol, self)
+        del solver
+        out = _implicit_solve(inputs, primal, self)
         return eqx.tree_at(lambda r: r.residual, out, jax.lax.stop_gradient(out.residual))
 
 
-def _forward(inputs, solver, max_steps, tol) -> LoopResult:
-    fn, args, z0 = inputs
-    out = iterate(fn, solver, z0, args, max_steps=max_steps, tol=tol, kind="lax")
-    return eqx.tree_at(lambda r: r.state, out, None)
+def _forward(inputs, primal) -> LoopResult:
+    return eqx.tree_at(lambda r: r.state, primal(inputs, lax_while_loop), None)
 
 
 @eqx.filter_custom_vjp
-def _implicit_solve(inputs, solver, max_steps, tol, adjoint):
+def _implicit_solve(inputs, primal, adjoint):
     del adjoint
-    return _forward(inputs, solver, max_steps, tol)
+    return _forward(inputs, primal)
 
 
 @_implicit_solve.def_fwd
-def _implicit_solve_fwd(perturbed, inputs, solver, max_steps, tol, adjoint):
+def _implicit_solve_fwd(perturbed, inputs, primal, adjoint):
     del perturbed, adjoint
-    out = _forward(inputs, solver, max_steps, tol)
+    out = _forward(inputs, primal)
     return out, out.value
 
 
 @_implicit_solve.def_bwd
-def _implicit_solve_bwd(z_star, grad_out, perturbed, inputs, solver, max_steps, tol, adjoint):
-    del perturbed, solver, max_steps, tol
+def _implicit_solve_bwd(z_star, grad_out, perturbed, inputs, primal, adjoint):
+    del perturbed, primal
     fn, args, z0 = inputs
     z_bar = materialise(grad_out.value, z0)
     _, pull_z = jax.vjp(lambda z: fn(z, args), z_star)
@@ -98,15 +92,16 @@ def _implicit_solve_bwd(z_star, grad_out, perturbed, inputs, solver, max_steps, 
         (jtw,) = pull_z(w)
         return tree_add(z_bar, jtw)
 
+    # The adjoint system w = z_bar + J^T w is a fixed-point problem of its own.
+    solver = adjoint.solver.prepare(z_bar, adjoint.max_steps)
     w = iterate(
-        _adjoint_fn,
-        adjoint.solver,
-        z_bar,
-        None,
+        (_adjoint_fn, None, z_bar),
+        lax_while_loop,
+        solver=solver,
         max_steps=adjoint.max_steps,
         tol=adjoint.tol,
-        kind="lax",
     ).value
     _, pull_params = eqx.filter_vjp(lambda f, a: f(z_star, a), fn, args)
     fn_bar, args_bar = pull_params(w)
-    return fn_bar, args_bar, None
+    # The IFT gradient does not depend on the initial guess.
+    return fn_bar, args_bar, jtu.tree_map(jnp.zeros_like, z0)

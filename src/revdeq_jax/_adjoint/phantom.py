@@ -6,8 +6,7 @@ import equinox as eqx
 import jax
 import jax.tree_util as jtu
 
-from .._custom_types import Args, Fn, Z
-from .._iterate import LoopResult
+from .._iterate import Inputs, lax_while_loop, LoopResult, WhileLoop
 from .._misc import stop_gradient_inexact, tree_combine_lin
 from .._solver.base import AbstractSolver
 from .base import AbstractAdjoint
@@ -66,24 +65,13 @@ class PhantomAdjoint(AbstractAdjoint):
 
     def apply(
         self,
-        primal: Callable[..., LoopResult],
-        fn: Fn,
+        primal: Callable[[Inputs, WhileLoop], LoopResult],
+        inputs: Inputs,
         solver: AbstractSolver,
-        z0: Z,
-        args: Args,
-        *,
-        max_steps: int,
-        tol: float,
     ) -> LoopResult:
-        out = primal(
-            stop_gradient_inexact(fn),
-            solver,
-            stop_gradient_inexact(z0),
-            stop_gradient_inexact(args),
-            max_steps=max_steps,
-            tol=tol,
-            kind="lax",
-        )
+        del solver
+        out = primal(stop_gradient_inexact(inputs), lax_while_loop)
+        fn, args, _ = inputs
         z = jtu.tree_map(jax.lax.stop_gradient, out.value)
         for _ in range(self.steps):
             fz = fn(z, args)

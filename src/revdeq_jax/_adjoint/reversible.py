@@ -1,28 +1,37 @@
 """Exact gradients in constant memory by reversing the reversible solver (Algorithm 1)."""
 
+import warnings
 from collections.abc import Callable
+from typing import Literal
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
-import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array
 
-from .._custom_types import Args, Fn, Z
-from .._iterate import iterate, LoopResult
-from .._misc import (
-    materialise,
-    tree_add,
-    tree_cast_like,
-    zeros_like_inexact,
-)
-from .._precision import state_scope
+from .._iterate import Inputs, lax_while_loop, LoopResult, WhileLoop
+from .._misc import materialise, tree_add, tree_cast_like, zeros_like_inexact
 from .._solver.base import AbstractReversibleSolver, AbstractSolver
 from .base import AbstractAdjoint
 
 
+_POLICIES = ("raise", "warn", "ignore")
+
+MISMATCH_MESSAGE = (
+    "The reversible backward pass did not rebuild the initial state `z0` it started from, "
+    "so the gradient it computed is not the gradient of the forward pass. With "
+    "`state_dtype='exact'` this means the backward pass's re-evaluation of `fn` differed "
+    "from the forward's by more than the exact state's tolerance (see `ExactState`; "
+    "raise `lattice_bits` or `guard_bits`); with a floating state the reconstruction "
+    "drifted (use `state_dtype='exact'`, fewer steps, or a smaller `beta`). Or use "
+    "another adjoint (`UnrolledAdjoint()`, `CheckpointAdjoint()`). "
+    "`ReversibleAdjoint(on_mismatch='warn' | 'ignore')` lets the gradient through."
+)
+
+
 class ReversibleAdjoint(AbstractAdjoint):
-    r"""Exact backpropagation through [`revdeq_jax.Reversible`][], in O(1) memory.
+    r"""Exact backpropagation through [`revdeq_jax.Reversible`][], in O(1) memory in the
+    iterates.
 
     The forward pass is a `lax.while_loop` that stores nothing but the final coupled
     state $(y_N, z_N)$. The backward pass is a second `lax.while_loop` that walks the
@@ -32,26 +41,40 @@ class ReversibleAdjoint(AbstractAdjoint):
     is a single `vjp`, whose primal output drives the reconstruction and whose pullback
     gives the cotangents, so a backward step costs 2 forward and 2 backward evaluations.
 
-    The gradient equals that of [`revdeq_jax.UnrolledAdjoint`][] up to the rounding error
-    of the reconstruction, which grows geometrically with the number of steps (about
-    $1/|1-\beta|$ times the Jacobian's growth per step). Check it with
-    [`revdeq_jax.reconstruction_error`][]; keep the state in float64
-    (`Reversible(beta, state_dtype=jnp.float64)`) when `fn` runs in float32, and use
-    `Reversible(beta, state_dtype="exact")` for solves deeper than a handful of steps or
-    `beta` near 1: its reversal is exact to the bit at any depth, so the gradient equals
-    the unrolled gradient of the forward pass (see [`revdeq_jax.ExactState`][]).
+    How exact the rebuilt iterates are is decided by the solver's state (see
+    [`revdeq_jax.Reversible`][]): with [`revdeq_jax.ExactState`][] they are rebuilt to the
+    bit, and the gradient *equals* the unrolled gradient of the forward pass, at any
+    depth, as long as re-evaluating `fn` stays within the state's tolerance; floating
+    states drift geometrically with depth. (The exact state's information buffer grows
+    with `max_steps`, by a few bits per element per step.)
+
+    **The reconstruction is checked on every backward pass.** The initial state $z_0$ is
+    known, so at the end of the reversed loop the rebuilt $(y_0, z_0)$ is compared with it,
+    at no extra evaluation. A mismatch (any difference at all for the exact state; for
+    floating states, which never reconstruct exactly, a relative deviation above `1e-3`,
+    or above `mismatch_rtol`) means the gradient is
+    not the gradient of the forward pass, and `on_mismatch` decides what happens (per
+    example under `vmap`).
 
     Cotangents are returned for every floating array closed over by `fn` (its parameters),
     for `args` and for `z0`. Only reversible solvers are accepted.
 
     **Arguments:**
 
-    - `report`: optional debugging hook, called (through `jax.debug.callback`, so it also
-      works under `jit`) after every backward pass with a dict of the reconstruction error
-      measured for free at the end of the reversed loop: `"abs"`, the largest deviation of
-      the rebuilt $(y_0, z_0)$ from the true initial state, and `"rel"`, that over
-      $\max(\max|z_0|, 1)$ (per example under `vmap`). Zero means the gradient equals the
-      unrolled gradient; see also [`revdeq_jax.reconstruction_error`][].
+    - `on_mismatch`: `"raise"` (the default: a runtime error through `eqx.error_if`, so
+      a wrong gradient never passes silently), `"warn"` (a Python warning from the host,
+      the gradient is returned), or `"ignore"`.
+    - `mismatch_rtol`: for floating states, the relative deviation of the reconstruction
+      (over $\max(\max|z_0|, 1)$) above which it counts as a mismatch; `None` uses the
+      state's own threshold. The exact state ignores it.
+    - `report`: optional hook, called (through `jax.debug.callback`, so it also works
+      under `jit`) after every backward pass with a dict of scalars measured on that very
+      pass: `"abs"`, the largest deviation of the rebuilt $(y_0, z_0)$ from the true
+      initial state; `"rel"`, that over $\max(\max|z_0|, 1)$; `"drift"`, for the exact
+      state the largest distance of a re-evaluation of `fn` from the value it was
+      snapped back to, in lattice units (exactness is guaranteed below
+      $2^{m-1}$, see [`revdeq_jax.ExactState`][]; 0 elsewhere); and `"mismatch"`
+      (per example under `vmap`).
 
     ??? cite "References"
 
@@ -65,7 +88,20 @@ class ReversibleAdjoint(AbstractAdjoint):
         ```
     """
 
+    on_mismatch: Literal["raise", "warn", "ignore"] = eqx.field(default="raise", static=True)
+    mismatch_rtol: float | None = eqx.field(default=None, static=True)
     report: Callable[[dict[str, Array]], None] | None = eqx.field(default=None, static=True)
+
+    def __check_init__(self):
+        if self.on_mismatch not in _POLICIES:
+            raise ValueError(
+                f"`ReversibleAdjoint(on_mismatch={self.on_mismatch!r})` must be one of "
+                f"{', '.join(repr(p) for p in _POLICIES)}."
+            )
+        if self.mismatch_rtol is not None and not self.mismatch_rtol >= 0:
+            raise ValueError(
+                f"`ReversibleAdjoint(mismatch_rtol={self.mismatch_rtol})` must be None or >= 0."
+            )
 
     def check(self, solver: AbstractSolver) -> None:
         if not isinstance(solver, AbstractReversibleSolver):
@@ -79,97 +115,85 @@ class ReversibleAdjoint(AbstractAdjoint):
 
     def apply(
         self,
-        primal: Callable[..., LoopResult],
-        fn: Fn,
+        primal: Callable[[Inputs, WhileLoop], LoopResult],
+        inputs: Inputs,
         solver: AbstractSolver,
-        z0: Z,
-        args: Args,
-        *,
-        max_steps: int,
-        tol: float,
     ) -> LoopResult:
         self.check(solver)
-        del primal  # the forward loop is `iterate(kind="lax")`, inside the custom VJP
-        out = _reversible_solve((fn, args, z0), solver, max_steps, tol, self.report)
+        out = _reversible_solve(inputs, primal, solver, self)
         return eqx.tree_at(lambda r: r.residual, out, jax.lax.stop_gradient(out.residual))
 
 
-def _forward(inputs, solver, max_steps, tol) -> LoopResult:
-    fn, args, z0 = inputs
-    return iterate(fn, solver, z0, args, max_steps=max_steps, tol=tol, kind="lax")
-
-
 @eqx.filter_custom_vjp
-def _reversible_solve(inputs, solver, max_steps, tol, report):
-    del report
-    return eqx.tree_at(lambda r: r.state, _forward(inputs, solver, max_steps, tol), None)
+def _reversible_solve(inputs, primal, solver, adjoint):
+    del solver, adjoint
+    return eqx.tree_at(lambda r: r.state, primal(inputs, lax_while_loop), None)
 
 
 @_reversible_solve.def_fwd
-def _reversible_solve_fwd(perturbed, inputs, solver, max_steps, tol, report):
-    del perturbed, report
-    out = _forward(inputs, solver, max_steps, tol)
+def _reversible_solve_fwd(perturbed, inputs, primal, solver, adjoint):
+    del perturbed, adjoint
+    out = primal(inputs, lax_while_loop)
     y, z = solver.coupled(out.state)
     return eqx.tree_at(lambda r: r.state, out, None), (y, z, out.num_steps)
 
 
 @_reversible_solve.def_bwd
-def _reversible_solve_bwd(residuals, grad_out, perturbed, inputs, solver, max_steps, tol, report):
-    del perturbed, max_steps, tol
+def _reversible_solve_bwd(residuals, grad_out, perturbed, inputs, primal, solver, adjoint):
+    del perturbed, primal
     y_n, z_n, num_steps = residuals
     fn, args, z0 = inputs
     value_bar = materialise(grad_out.value, z0)
     del grad_out, residuals  # the residual's cotangent is ignored: it is a statistic
-    y_0, z_0, _, _, z0_bar, fn_bar, args_bar = reverse_loop(
-        solver, fn, args, z0, y_n, z_n, num_steps, value_bar
-    )
-    if report is not None:
-        with state_scope(solver.state_dtype):
-            deviation = initial_state_deviation(solver, y_0, z_0, z0)
-        jax.debug.callback(report, deviation)
-    return fn_bar, args_bar, z0_bar
+    with solver.scope():
+        y_0, z_0, z0_bar, fn_bar, args_bar = reverse_loop(
+            solver, fn, args, z0, y_n, z_n, num_steps, value_bar
+        )
+        check = solver.reconstruction(y_0, z_0, z0, adjoint.mismatch_rtol)
+    if adjoint.report is not None:
+        jax.debug.callback(adjoint.report, check)
+    grads = (fn_bar, args_bar, z0_bar)
+    if adjoint.on_mismatch == "raise":
+        grads = eqx.error_if(grads, check["mismatch"], MISMATCH_MESSAGE)
+    elif adjoint.on_mismatch == "warn":
+        jax.debug.callback(_warn_on_mismatch, check["mismatch"], check["rel"])
+    return grads
 
 
-def initial_state_deviation(solver, y_0, z_0, z0) -> dict[str, Array]:
-    """How far a reconstructed `(y_0, z_0)` lies from the true initial state `z0`."""
-    err = jnp.zeros((), jnp.float32)
-    scale = jnp.ones((), jnp.float32)
-    dy = jtu.tree_leaves(solver.deviation(y_0, z0))
-    dz = jtu.tree_leaves(solver.deviation(z_0, z0))
-    for a, b, c in zip(dy, dz, jtu.tree_leaves(z0)):
-        dev = jnp.maximum(jnp.max(jnp.abs(a)), jnp.max(jnp.abs(b)))
-        # XLA's max-reduction may drop NaNs (measured on CPU for >= 4096 elements), so an
-        # overflowed reconstruction is flagged explicitly.
-        finite = jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))
-        dev = jnp.where(finite, dev, jnp.inf)
-        err = jnp.maximum(err, dev.astype(jnp.float32))
-        scale = jnp.maximum(scale, jnp.max(jnp.abs(c)).astype(jnp.float32))
-    return {"abs": err, "rel": err / scale}
+def _warn_on_mismatch(mismatch, rel) -> None:
+    mismatch = np.asarray(mismatch)
+    if np.any(mismatch):
+        rel = np.max(np.where(mismatch, np.asarray(rel), 0))
+        warnings.warn(
+            f"{MISMATCH_MESSAGE} (relative deviation of the reconstruction: {rel:.3g}; "
+            f"{int(np.sum(mismatch))} of {mismatch.size} solves)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def reverse_loop(solver, fn, args, z0, y_n, z_n, num_steps, value_bar):
-    """Algorithm 1: walks `num_steps` steps back from `(y_n, z_n)`.
+    """Algorithm 1: walks `num_steps` steps back from `(y_n, z_n)`, inside the solver's
+    scope.
 
-    Returns the reconstructed `(y_0, z_0)`, their cotangents, the cotangent of `z0`
-    (cast to its dtype) and the accumulated cotangents of `fn` and `args`.
+    Returns the reconstructed `(y_0, z_0)`, the cotangent of `z0` (cast to its dtype) and
+    the accumulated cotangents of `fn` and `args`.
     """
-    with state_scope(solver.state_dtype):
-        y_bar, z_bar = solver.init_cotangents(value_bar, y_n)
-        fn_bar = zeros_like_inexact(fn)
-        args_bar = zeros_like_inexact(args)
+    y_bar, z_bar = solver.init_cotangents(value_bar, y_n)
+    fn_bar = zeros_like_inexact(fn)
+    args_bar = zeros_like_inexact(args)
 
-        def _cond(carry):
-            return carry[0] > 0
+    def _body(carry):
+        n, y, z, y_bar, z_bar, params_bar = carry
+        y, z, y_bar, z_bar, params_bar = solver.backward_step(
+            fn, args, y, z, y_bar, z_bar, params_bar, z0
+        )
+        return n - 1, y, z, y_bar, z_bar, params_bar
 
-        def _body(carry):
-            n, y, z, y_bar, z_bar, params_bar = carry
-            y, z, y_bar, z_bar, params_bar = solver.backward_step(
-                fn, args, y, z, y_bar, z_bar, params_bar, z0
-            )
-            return n - 1, y, z, y_bar, z_bar, params_bar
-
-        init = (num_steps, y_n, z_n, y_bar, z_bar, (fn_bar, args_bar))
-        _, y_0, z_0, y_bar, z_bar, (fn_bar, args_bar) = jax.lax.while_loop(_cond, _body, init)
-        # y_0 = z_0 = z0, so both cotangents flow into the initial guess.
-        z0_bar = tree_cast_like(tree_add(z_bar, y_bar), z0)
-        return y_0, z_0, y_bar, z_bar, z0_bar, fn_bar, args_bar
+    init = (num_steps, y_n, z_n, y_bar, z_bar, (fn_bar, args_bar))
+    _, y_0, z_0, y_bar, z_bar, (fn_bar, args_bar) = jax.lax.while_loop(
+        lambda carry: carry[0] > 0, _body, init
+    )
+    # y_0 = z_0 = z0, so both cotangents flow into the initial guess.
+    z0_bar = tree_cast_like(tree_add(z_bar, y_bar), z0)
+    return y_0, z_0, z0_bar, fn_bar, args_bar

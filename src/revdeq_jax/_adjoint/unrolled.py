@@ -1,21 +1,27 @@
 """Plain autodiff through every stored iteration, and its checkpointed variant."""
 
 from collections.abc import Callable
+from typing import ClassVar
 
-from .._custom_types import Args, Fn, Z
-from .._iterate import LoopResult
-from .._precision import is_exact
+from .._iterate import (
+    checkpointed_while_loop,
+    Inputs,
+    LoopResult,
+    unrolled_while_loop,
+    WhileLoop,
+)
 from .._solver.base import AbstractSolver
 from .base import AbstractAdjoint
 
 
-def _check_differentiable_state(adjoint: AbstractAdjoint, solver: AbstractSolver) -> None:
-    if is_exact(solver.state_dtype):
+def _check_differentiable(adjoint: AbstractAdjoint, solver: AbstractSolver) -> None:
+    if not solver.differentiable:
         raise ValueError(
             f"`{type(adjoint).__name__}` differentiates through the solver's own "
-            "arithmetic, which for `state_dtype='exact'` is integer arithmetic with zero "
-            "derivative. Use `ReversibleAdjoint()` (which gives exactly the gradient of "
-            "this forward pass), or a floating `state_dtype` for the unrolled reference."
+            "arithmetic, which for this solver's state (e.g. `state_dtype='exact'` or "
+            "`'auto'`) is integer arithmetic with zero derivative. Use "
+            "`ReversibleAdjoint()` (which gives exactly the gradient of this forward "
+            "pass), or a floating `state_dtype` for the unrolled reference."
         )
 
 
@@ -33,21 +39,19 @@ class UnrolledAdjoint(AbstractAdjoint):
     network" baseline.
     """
 
+    differentiates_solver: ClassVar[bool] = True
+
     def check(self, solver: AbstractSolver) -> None:
-        _check_differentiable_state(self, solver)
+        _check_differentiable(self, solver)
 
     def apply(
         self,
-        primal: Callable[..., LoopResult],
-        fn: Fn,
+        primal: Callable[[Inputs, WhileLoop], LoopResult],
+        inputs: Inputs,
         solver: AbstractSolver,
-        z0: Z,
-        args: Args,
-        *,
-        max_steps: int,
-        tol: float,
     ) -> LoopResult:
-        return primal(fn, solver, z0, args, max_steps=max_steps, tol=tol, kind="unrolled")
+        self.check(solver)
+        return primal(inputs, unrolled_while_loop)
 
 
 class CheckpointAdjoint(AbstractAdjoint):
@@ -56,21 +60,20 @@ class CheckpointAdjoint(AbstractAdjoint):
     Uses `equinox.internal.while_loop(kind="checkpointed")`: the loop stops early on
     `tol` and only O(log max_steps) states are stored, at the price of recomputing
     iterations on the backward pass (about $O(N \\log N)$ evaluations). Works with any
-    solver; the gradient is exact, like [`revdeq_jax.UnrolledAdjoint`][].
+    solver whose arithmetic is differentiable; the gradient is exact, like
+    [`revdeq_jax.UnrolledAdjoint`][].
     """
 
+    differentiates_solver: ClassVar[bool] = True
+
     def check(self, solver: AbstractSolver) -> None:
-        _check_differentiable_state(self, solver)
+        _check_differentiable(self, solver)
 
     def apply(
         self,
-        primal: Callable[..., LoopResult],
-        fn: Fn,
+        primal: Callable[[Inputs, WhileLoop], LoopResult],
+        inputs: Inputs,
         solver: AbstractSolver,
-        z0: Z,
-        args: Args,
-        *,
-        max_steps: int,
-        tol: float,
     ) -> LoopResult:
-        return primal(fn, solver, z0, args, max_steps=max_steps, tol=tol, kind="checkpointed")
+        self.check(solver)
+        return primal(inputs, checkpointed_while_loop)

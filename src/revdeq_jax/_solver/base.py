@@ -1,10 +1,11 @@
 """Abstract solver interfaces: every fixed-point solver is a strategy object."""
 
 import abc
-from typing import Any, ClassVar, Generic
+import contextlib
+from typing import ClassVar, Generic
 
 import equinox as eqx
-from jaxtyping import PyTree
+from jaxtyping import Array, PyTree
 
 from .._custom_types import Args, Fn, SolverState, Z
 
@@ -46,29 +47,33 @@ class AbstractSolver(eqx.Module, Generic[SolverState]):
         Used for the stopping test (the relative residual) and for the output.
         """
 
-    def specialise(self, z0: Z) -> "AbstractSolver":
-        """This solver, with any choice that depends on the initial state made.
+    def prepare(self, z0: Z, max_steps: int, *, differentiable: bool = False) -> "AbstractSolver":
+        """This solver, with every choice that depends on `z0`, on `max_steps` or on the
+        adjoint made.
 
-        Called by [`revdeq_jax.fixed_point`][] before anything else sees the solver (e.g.
-        `Reversible(state_dtype="auto")` picks its state from the dtype of `z0`). The
-        default returns `self`.
+        Called once by [`revdeq_jax.fixed_point`][], before anything else sees the
+        solver; the forward and the backward pass then both use the object it returns
+        (e.g. `Reversible(state_dtype="auto")` picks its state from the dtype of `z0`,
+        and an exact state sizes its buffer by `max_steps`). `differentiable` says that
+        the adjoint differentiates through `step` with autodiff, so the solver's
+        arithmetic must have a derivative. The default returns `self`.
         """
-        del z0
+        del z0, max_steps, differentiable
         return self
 
-    def with_max_steps(self, max_steps: int) -> "AbstractSolver":
-        """This solver, prepared for a loop of at most `max_steps` steps.
+    def scope(self) -> contextlib.AbstractContextManager:
+        """A context for the solver's own arithmetic (e.g. 64-bit types for a wide state).
 
-        Called by the loop before `init`; a solver that sizes buffers by the number of
-        steps returns a copy that knows it. The default returns `self`.
+        The loop and the backward pass run inside it; `fn` is always called with the
+        caller's own setting. The default does nothing.
         """
-        del max_steps
-        return self
+        return contextlib.nullcontext()
 
     @property
-    def state_dtype(self) -> Any:
-        """Dtype of the solver's own arithmetic; `None` means the dtype of `z0`."""
-        return None
+    def differentiable(self) -> bool:
+        """Whether ordinary autodiff through `step` gives the derivative of the iteration
+        (false for integer state arithmetic)."""
+        return True
 
 
 class AbstractReversibleSolver(AbstractSolver[SolverState]):
@@ -89,14 +94,15 @@ class AbstractReversibleSolver(AbstractSolver[SolverState]):
         cotangent `value_bar` of the output."""
 
     @abc.abstractmethod
-    def deviation(self, state_part: PyTree, z0: PyTree) -> PyTree:
-        """`state_part - z0`, leafwise, as plain arrays (for reconstruction errors)."""
-
-    @abc.abstractmethod
-    def reverse_step(
-        self, fn: Fn, args: Args, y: PyTree, z: PyTree, z_like: PyTree
-    ) -> tuple[PyTree, PyTree]:
-        """Inverts one step: $(y_{n+1}, z_{n+1}) \\mapsto (y_n, z_n)$."""
+    def reconstruction(
+        self, y: PyTree, z: PyTree, z0: PyTree, rtol: float | None
+    ) -> dict[str, Array]:
+        """How far a reconstructed coupled state `(y, z)` lies from the initial state `z0`
+        it should equal: a dict of scalars `"abs"` (largest deviation), `"rel"` (that over
+        `max(max|z0|, 1)`), `"drift"` (how far re-evaluations of `fn` fell from the values
+        they were snapped to, where the state snaps; else 0) and `"mismatch"` (whether
+        the reversible gradient is not to be trusted; `rtol=None`: the state's own
+        threshold)."""
 
     @abc.abstractmethod
     def backward_step(

@@ -1,27 +1,18 @@
 """The algebraically reversible fixed-point solver of RevDEQ."""
 
+import contextlib
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import PyTree
+from jaxtyping import Array, PyTree
 
-from .. import _twofloat as tf
 from .._custom_types import Args, Fn, Z
-from .._exact import Exact, ExactArithmetic, rational_beta
-from .._misc import (
-    tree_add,
-    tree_add_ct,
-    tree_cast,
-    tree_cast_like,
-    tree_combine_lin,
-    tree_div,
-    tree_scale,
-    tree_sub,
-)
-from .._precision import check_state_dtype, is_auto, is_exact, is_two_float
+from .._misc import tree_add, tree_add_ct, tree_cast_like, tree_scale
+from .._state import AbstractState, as_state
+from .._state.base import deviation_size
 from .base import AbstractReversibleSolver
 
 
@@ -51,45 +42,35 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
     !!! info
 
         Reversal multiplies rounding errors by about $1/|1 - \beta|$ times the growth of
-        the Jacobian of $f$ at every step, so the reconstruction error is geometric in the
-        number of steps. Keep the state wider than `fn`:
+        the Jacobian of $f$ at every step, and the backward pass evaluates `fn` again in
+        another compiled program, which may round differently. How the state is held
+        decides what survives that (see [`revdeq_jax.AbstractState`][]):
 
-        - `state_dtype=jnp.float64`: the state and the solver's add/sub/scale arithmetic
-          in float64 (64-bit types are switched on only for that arithmetic; `fn` still
-          sees the dtype of `z0`). Needs a backend with float64.
-        - `state_dtype="float32x2"`: a two-float state, each value an unevaluated float32
-          pair with about 48 significant bits, updated with error-free transformations.
-          Needs no 64-bit types at all (TPUs, consumer GPUs); about as exact as float64
-          for a few steps, a little less at depth.
+        - `state_dtype="exact"` ([`revdeq_jax.ExactState`][]): fixed-point integers, an
+          information buffer and a lattice that snaps re-evaluations back onto the
+          forward's values. Reversal is exact to the bit at any depth whenever the
+          re-evaluation lies within a stated number of ulps of the forward's value, so
+          the gradient *equals* the unrolled gradient of the forward pass. Needs `beta`
+          a ratio of small integers and `z0` of at most 32 bits; its buffer grows with
+          `max_steps` (a few bits per element per step).
+        - `state_dtype="auto"` ([`revdeq_jax.AutoState`][], the default): the exact
+          state where it applies and the adjoint is reversible, else the dtype of `z0`.
+        - `state_dtype=jnp.float64` ([`revdeq_jax.FloatState`][]): the paper's recipe,
+          the state in float64 while `fn` runs in float32; exact for a few steps (many
+          at `beta = 0.5`), then drifting.
+        - `state_dtype="float32x2"` ([`revdeq_jax.TwoFloatState`][]): float32 pairs,
+          about 48 bits, no 64-bit types; about as good as float64.
+        - `state_dtype=None`: the dtype of `z0`; loses bits from the first step.
 
-        With `beta = 0.5` the scalings are exact in binary, which keeps reconstructions
-        bit-exact for longest. Use [`revdeq_jax.reconstruction_error`][] to check.
-
-        All of these still lose the gradient at depth: with `beta = 0.9` a float64 state
-        is off by 1e-2 to nan after 16 steps of an attention block. For exact gradients
-        at any depth use
-
-        - `state_dtype="exact"` (or [`revdeq_jax.ExactState`][]): a fixed-point int64
-          state whose update is integer arithmetic with `beta` held as a ratio `a / b`,
-          and an information buffer that keeps the remainder each step divides away
-          (2, 4.9 and 7.1 bits per element per step for `beta` = 0.5, 0.8, 0.9). Reversal
-          is then exact to the bit and the gradient *equals* the unrolled gradient of
-          the forward pass; measured within 4e-6 of the float64 unrolled gradient at 64
-          steps with a float32 `fn`. Needs no 64-bit floats. Requires `fn` to give the
-          same bits when it is evaluated again on the backward pass, which is a
-          separately compiled program: true of every block tested on CPU. Should a
-          compiler round `fn` differently there, the reconstruction error reported by
-          `ReversibleAdjoint(report=...)` (exactly zero otherwise) shows it.
+        [`revdeq_jax.ReversibleAdjoint`][] checks every reconstruction against the known
+        `z0` on the backward pass.
 
     **Arguments:**
 
     - `beta`: relaxation in $(0, 2)$, not 1.
-    - `state_dtype`: `None` (the dtype of `z0`), a floating dtype, `"float32x2"`,
-      `"exact"` / [`revdeq_jax.ExactState`][], or `"auto"`: the exact state when `z0` is
-      at most 32-bit and `beta` a ratio of small integers, else the dtype of `z0` (the
-      exact state's fixed-point grid, 2**-32, would be coarser than a float64 `z0`).
-    - `buffer_steps`: set by [`revdeq_jax.fixed_point`][] from `max_steps` (it sizes the
-      information buffer of an exact state); leave it unset.
+    - `state_dtype`: how the coupled state is held: a state object
+      ([`revdeq_jax.ExactState`][], ...), or `"auto"` (the default), `"exact"`,
+      `"float32x2"`, a floating dtype, or `None` (the dtype of `z0`).
 
     ??? cite "References"
 
@@ -104,13 +85,12 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
     """
 
     beta: float = 0.5
-    state_dtype: Any = eqx.field(default=None, converter=check_state_dtype)
-    buffer_steps: int | None = eqx.field(default=None, static=True, repr=False)
+    state_dtype: AbstractState = eqx.field(default="auto", converter=as_state)
 
     nfe_per_step: ClassVar[int] = 2
 
     def __check_init__(self):
-        if not isinstance(self.beta, (int, float)):
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)):
             raise ValueError(
                 f"`Reversible(beta=...)` must be a Python float, got {type(self.beta)}."
             )
@@ -121,128 +101,46 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
                 "contractions with constant k when beta < 2 / (k + 1). The paper uses 0.5 "
                 "to 0.8."
             )
-        if self._exact:
-            rational_beta(self.beta)  # raises if beta is not a ratio of small integers
+        self.state_dtype.check_beta(self.beta)
 
-    def specialise(self, z0: Z) -> "Reversible":
-        if not is_auto(self.state_dtype):
-            return self
-        narrow = all(
-            jnp.issubdtype(leaf.dtype, jnp.floating) and jnp.dtype(leaf.dtype).itemsize <= 4
-            for leaf in jtu.tree_leaves(z0)
-        )
-        try:
-            rational_beta(self.beta)
-            rational = True
-        except ValueError:
-            rational = False
-        return dataclasses.replace(self, state_dtype="exact" if narrow and rational else None)
+    def prepare(self, z0: Z, max_steps: int, *, differentiable: bool = False) -> "Reversible":
+        state = self.state_dtype.resolve(z0, self.beta, max_steps, differentiable)
+        return dataclasses.replace(self, state_dtype=state)
 
-    def with_max_steps(self, max_steps: int) -> "Reversible":
-        if self._exact:
-            return dataclasses.replace(self, buffer_steps=max_steps)
-        return self
-
-    # The solver's own arithmetic, in the state's precision. `x`, `out`: state trees;
-    # `f`: values of `fn`, in the dtype of `z0`.
+    def scope(self) -> contextlib.AbstractContextManager:
+        return self.state_dtype.scope()
 
     @property
-    def _two_float(self) -> bool:
-        return is_two_float(self.state_dtype)
+    def differentiable(self) -> bool:
+        return self.state_dtype.differentiable
 
-    @property
-    def _exact(self) -> bool:
-        return is_exact(self.state_dtype)
+    # The solver's own arithmetic, leaf by leaf, in the state's precision. `x`: state
+    # trees (whose leaves may be structured, hence `is_leaf`); `f`: values of `fn`, in
+    # the dtype of `z0`.
 
-    @property
-    def _arith(self) -> ExactArithmetic:
-        a, b = rational_beta(self.beta)
-        return ExactArithmetic(a, b, self.state_dtype.fraction_bits)
+    def _map(self, f, *trees):
+        return jtu.tree_map(f, *trees, is_leaf=self.state_dtype.is_leaf)
 
-    def _up(self, tree: PyTree) -> PyTree:
-        if is_auto(self.state_dtype):
-            raise ValueError(
-                '`state_dtype="auto"` is resolved by `fixed_point` from `z0`; call '
-                "`solver.specialise(z0)` first when driving the solver by hand."
-            )
-        if self._exact:
-            if self.buffer_steps is None:
-                raise ValueError(
-                    "An exact reversible state needs the number of steps to size its "
-                    "buffer; run the solver through `fixed_point` or `DEQ`."
-                )
-            arith = self._arith
-            return jtu.tree_map(lambda x: arith.encode(x, self.buffer_steps), tree)
-        if self._two_float:
-            return jtu.tree_map(tf.from_float, tree)
-        return tree_cast(tree, self.state_dtype)
+    def _down(self, x: PyTree, like: PyTree) -> PyTree:
+        return self._map(lambda x, l: self.state_dtype.decode(x, l.dtype), x, like)
 
-    def _down(self, state: PyTree, like: PyTree) -> PyTree:
-        if self._exact:
-            arith = self._arith
-            return jtu.tree_map(
-                lambda x, l: arith.decode(x, l.dtype), state, like, is_leaf=_is_exact
-            )
-        if self._two_float:
-            return jtu.tree_map(lambda x, l: tf.to_float(x, l.dtype), state, like, is_leaf=_is_tf)
-        return tree_cast_like(state, like)
+    def _update(self, x: PyTree, f: PyTree) -> PyTree:
+        return self._map(lambda x, f: self.state_dtype.update(x, f, self.beta), x, f)
 
-    def _lin(self, a: float, x: PyTree, b: float, f: PyTree) -> PyTree:
-        """`a * x + b * f`."""
-        if self._exact:  # a, b are 1 - beta, beta: held exactly as a ratio instead
-            return jtu.tree_map(self._arith.push, x, f, is_leaf=_is_exact)
-        if self._two_float:
-            return jtu.tree_map(
-                lambda x, f: tf.add(tf.scale(a, x), tf.scale_float(b, f)),
-                x,
-                f,
-                is_leaf=_is_tf,
-            )
-        return tree_combine_lin(a, x, b, f)
-
-    def _invert(self, out: PyTree, f: PyTree) -> PyTree:
-        """`(out - beta * f) / (1 - beta)`: undoes `_lin(1 - beta, x, beta, f)`."""
-        b = self.beta
-        if self._exact:
-            return jtu.tree_map(self._arith.pop, out, f, is_leaf=_is_exact)
-        if self._two_float:
-            return jtu.tree_map(
-                lambda o, f: tf.divide(tf.add(o, tf.neg(tf.scale_float(b, f))), 1 - b),
-                out,
-                f,
-                is_leaf=_is_tf,
-            )
-        # Upcast f before scaling, exactly as the forward step does.
-        return tree_div(tree_sub(out, tree_scale(b, tree_cast_like(f, out))), 1 - b)
-
-    def init_cotangents(self, value_bar: PyTree, y: PyTree) -> tuple[PyTree, PyTree]:
-        if self._two_float or self._exact:  # cotangents need no extra precision
-            z_bar = jtu.tree_map(
-                lambda v: v.astype(jnp.promote_types(v.dtype, jnp.float32)), value_bar
-            )
-        else:
-            z_bar = tree_cast_like(value_bar, y)
-        return jtu.tree_map(jnp.zeros_like, z_bar), z_bar
-
-    def deviation(self, state_part: PyTree, z0: PyTree) -> PyTree:
-        if self._exact:
-            return jtu.tree_map(self._arith.difference, state_part, z0, is_leaf=_is_exact)
-        if self._two_float:
-            return jtu.tree_map(tf.sub_float, state_part, z0, is_leaf=_is_tf)
-        return jtu.tree_map(lambda a, c: a - c.astype(a.dtype), state_part, z0)
+    def _invert(self, x: PyTree, f: PyTree) -> PyTree:
+        return self._map(lambda x, f: self.state_dtype.invert(x, f, self.beta), x, f)
 
     def init(self, fn: Fn, z0: Z, args: Args) -> ReversibleState:
-        z = self._up(z0)
+        z = jtu.tree_map(self.state_dtype.encode, z0)
         # f at the state as held (for an exact state, z0 rounded to its grid), so that
         # the last reverse step undoes the first forward step with the same value.
         fz = fn(self._down(z, z0), args)
         return ReversibleState(y=z, z=z, fz=fz)
 
     def step(self, fn: Fn, state: ReversibleState, args: Args) -> ReversibleState:
-        b = self.beta
-        y = self._lin(1 - b, state.y, b, state.fz)
+        y = self._update(state.y, state.fz)
         fy = fn(self._down(y, state.fz), args)
-        z = self._lin(1 - b, state.z, b, fy)
+        z = self._update(state.z, fy)
         fz = fn(self._down(z, state.fz), args)
         return ReversibleState(y=y, z=z, fz=fz)
 
@@ -252,14 +150,30 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
     def coupled(self, state: ReversibleState) -> tuple[PyTree, PyTree]:
         return state.y, state.z
 
-    def reverse_step(
-        self, fn: Fn, args: Args, y: PyTree, z: PyTree, z_like: PyTree
-    ) -> tuple[PyTree, PyTree]:
-        fy = fn(self._down(y, z_like), args)
-        z_prev = self._invert(z, fy)
-        fz = fn(self._down(z_prev, z_like), args)
-        y_prev = self._invert(y, fz)
-        return y_prev, z_prev
+    def init_cotangents(self, value_bar: PyTree, y: PyTree) -> tuple[PyTree, PyTree]:
+        del y
+        z_bar = jtu.tree_map(
+            lambda v: v.astype(self.state_dtype.cotangent_dtype(v.dtype)), value_bar
+        )
+        return jtu.tree_map(jnp.zeros_like, z_bar), z_bar
+
+    def reconstruction(
+        self, y: PyTree, z: PyTree, z0: PyTree, rtol: float | None
+    ) -> dict[str, Array]:
+        state = self.state_dtype
+        abs_err = jnp.zeros((), jnp.float32)
+        rel_err = jnp.zeros((), jnp.float32)
+        drift = jnp.zeros((), jnp.float32)
+        mismatch = jnp.zeros((), bool)
+        for part in (y, z):
+            leaves = jtu.tree_leaves(part, is_leaf=state.is_leaf)
+            for x, c in zip(leaves, jtu.tree_leaves(z0), strict=True):
+                err, rel = deviation_size(state.deviation(x, c), c)
+                abs_err = jnp.maximum(abs_err, err)
+                rel_err = jnp.maximum(rel_err, rel)
+                drift = jnp.maximum(drift, getattr(x, "drift", drift))
+                mismatch = mismatch | state.mismatch(x, c, rtol)
+        return {"abs": abs_err, "rel": rel_err, "drift": drift, "mismatch": mismatch}
 
     def backward_step(
         self,
@@ -291,14 +205,6 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
         z_bar_prev = tree_add(z_bar_prev, z_in_bar)
         y_bar_prev = tree_scale(1 - b, y_bar)
         return y_prev, z_prev, y_bar_prev, z_bar_prev, params_bar
-
-
-def _is_tf(x) -> bool:
-    return isinstance(x, tf.TwoFloat)
-
-
-def _is_exact(x) -> bool:
-    return isinstance(x, Exact)
 
 
 def _call(z, fn, args):

@@ -7,8 +7,7 @@ import equinox as eqx
 import jax.numpy as jnp
 
 from .._adjoint.base import AbstractAdjoint
-from .._adjoint.reversible import ReversibleAdjoint
-from .._fixed_point import check_options, fixed_point
+from .._fixed_point import check_options, default_adjoint, fixed_point
 from .._solution import Solution
 from .._solver.base import AbstractSolver
 from .._solver.reversible import Reversible
@@ -31,12 +30,11 @@ class DEQ(eqx.Module):
     **Arguments:**
 
     - `layer`: the equilibrium function, called as `layer(z, x)`.
-    - `solver`: forward solver. By default `Reversible(beta=0.5, state_dtype="auto")` with
-      the (default) reversible adjoint: for float32/bfloat16 models the exact state, whose
-      bit-exact reversal makes the gradient equal the unrolled gradient at any depth for
-      ~10-30% more time than a float32 state; float64 models keep a float64 state.
-      `Reversible(beta=0.5)` with any other adjoint.
-    - `adjoint`: gradient strategy (default `ReversibleAdjoint()`).
+    - `solver`: forward solver (default `Reversible(beta=0.5)`, whose `"auto"` state is
+      the bit-exact [`revdeq_jax.ExactState`][] for float32/bfloat16 models under the
+      reversible adjoint, and the dtype of the model otherwise).
+    - `adjoint`: gradient strategy (default: `ReversibleAdjoint()` for a reversible
+      solver, `ImplicitAdjoint()` for any other).
     - `max_steps`: solver step budget.
     - `tol`: relative-residual tolerance (`0`: always take `max_steps` steps).
     - `throw`: raise at run time on non-finite values.
@@ -59,8 +57,8 @@ class DEQ(eqx.Module):
         throw: bool = False,
     ):
         self.layer = layer
-        self.adjoint = ReversibleAdjoint() if adjoint is None else adjoint
-        self.solver = default_solver(self.adjoint) if solver is None else solver
+        self.solver = Reversible() if solver is None else solver
+        self.adjoint = default_adjoint(self.solver) if adjoint is None else adjoint
         self.max_steps = max_steps
         self.tol = tol
         self.throw = throw
@@ -99,12 +97,3 @@ class DEQ(eqx.Module):
             throw=self.throw,
         )
         return (sol.value, sol) if return_solution else sol.value
-
-
-def default_solver(adjoint: AbstractAdjoint, beta: float = 0.5) -> Reversible:
-    """The solver a model gets when it names none: `Reversible(beta)` with the exact state
-    when `adjoint` is reversible and the model at most 32-bit (`state_dtype="auto"`:
-    exact gradients at any depth), a floating state otherwise (which every adjoint can
-    differentiate, and which a float64 model needs for its precision)."""
-    exact = isinstance(adjoint, ReversibleAdjoint)
-    return Reversible(beta=beta, state_dtype="auto" if exact else None)

@@ -10,16 +10,18 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-import revdeq_jax as rdeq
-
+from .._fixed_point import default_adjoint
+from .._solver.reversible import Reversible
 from ._conv import ConvResidualLayer, default_groups
-from ._deq import default_solver
+from ._deq import DEQ
+
+
+VISION_BETA = 0.8  # the paper's relaxation for the image models (appendix B.2)
 
 
 def _solver_adjoint(solver, adjoint):
-    # Resolved lazily: `revdeq_jax` may still be importing when this module is.
-    adjoint = rdeq.ReversibleAdjoint() if adjoint is None else adjoint
-    solver = default_solver(adjoint, beta=0.8) if solver is None else solver
+    solver = Reversible(VISION_BETA) if solver is None else solver
+    adjoint = default_adjoint(solver) if adjoint is None else adjoint
     return solver, adjoint
 
 
@@ -172,7 +174,7 @@ class ImplicitResNet(eqx.Module):
             channels[0], "batch", momentum=bn_momentum, mode="batch", dtype=dtype
         )
         self.blocks = tuple(
-            rdeq.DEQ(
+            DEQ(
                 ConvResidualLayer(c, w, dtype=dtype, key=k),
                 solver=solver,
                 adjoint=adjoint,
@@ -246,7 +248,7 @@ class SingleScaleDEQ(eqx.Module):
         k_enc, k_block, k_head = jr.split(key, 3)
         self.encoder = eqx.nn.Conv2d(in_channels, channels, 3, padding=1, dtype=dtype, key=k_enc)
         self.encoder_norm = eqx.nn.GroupNorm(default_groups(channels), channels, dtype=dtype)
-        self.block = rdeq.DEQ(
+        self.block = DEQ(
             ConvResidualLayer(channels, width, dtype=dtype, key=k_block),
             solver=solver,
             adjoint=adjoint,
