@@ -42,10 +42,11 @@ def test_reversible_converges_for_beta_below_bound(k, getkey):
 def test_reversible_y_and_z_both_converge(getkey):
     """Theorem 3.1 says both coupled states converge: check y too, by solving with tol=0."""
     fn, x = _contraction(0.8, getkey())
-    solver = rdeq.Reversible(0.7)
-    from revdeq_jax._iterate import iterate
+    z0 = jnp.zeros_like(x)
+    solver = rdeq.Reversible(0.7, state_dtype=None).prepare(z0, 200)
+    from revdeq_jax._iterate import iterate, lax_while_loop
 
-    out = iterate(fn, solver, jnp.zeros_like(x), x, max_steps=200, tol=0.0, kind="lax")
+    out = iterate((fn, x, z0), lax_while_loop, solver=solver, max_steps=200, tol=0.0)
     y, z = solver.coupled(out.state)
     np.testing.assert_allclose(y, z, atol=1e-5)
     np.testing.assert_allclose(fn(z, x), z, atol=1e-5)

@@ -77,13 +77,16 @@ def test_reversible_adjoint_needs_reversible_solver(solver):
     ):
         rdeq.fixed_point(fn, z0, x, solver=solver, adjoint=rdeq.ReversibleAdjoint())
     with pytest.raises(ValueError, match="can only differentiate a reversible solver"):
-        rdeq.DEQ(fn, solver=solver)
+        rdeq.DEQ(fn, solver=solver, adjoint=rdeq.ReversibleAdjoint())
+    # Without an explicit adjoint, a non-reversible solver gets the implicit one.
+    assert rdeq.DEQ(fn, solver=solver).adjoint == rdeq.ImplicitAdjoint()
+    assert rdeq.fixed_point(fn, z0, x, solver=solver).value.shape == z0.shape
 
 
 def test_state_dtype_not_a_float():
     with pytest.raises(ValueError, match="must be a real floating dtype"):
         rdeq.Reversible(0.5, state_dtype=jnp.int32)
-    with pytest.raises(ValueError, match="is not a dtype"):
+    with pytest.raises(ValueError, match="is not a known state"):
         rdeq.Reversible(0.5, state_dtype="float6four")
 
 

@@ -133,7 +133,10 @@ def test_bfloat16_fn_float32_master_weights(name, beta, getkey):
         return jnp.sum(sol.value.astype(jnp.float32) ** 2)
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2, compiler_options=_NO_EXCESS)
-    g_rev = grad(params, x, rdeq.ReversibleAdjoint())
+    # The reconstructed z0 lies > 1e-3 from 0 at beta = 0.8 (the backward check's default
+    # threshold for floating states) while the gradient is exact to 6e-9: the first
+    # iterates weigh least. Measure the gradient itself here.
+    g_rev = grad(params, x, rdeq.ReversibleAdjoint(on_mismatch="ignore"))
     g_ref = grad(params, x, rdeq.UnrolledAdjoint())
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(g_rev))
     assert tree_rel_error(g_rev, g_ref) <= 1e-6  # measured: 0 to 6e-9
