@@ -18,6 +18,7 @@ from ._fixed_point import (
     fixed_point as fixed_point,
     reconstruction_error as reconstruction_error,
 )
+from ._jacobian_penalty import jacobian_penalty as jacobian_penalty
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solver import (
     AbstractReversibleSolver as AbstractReversibleSolver,

@@ -13,3 +13,8 @@ from ._transformer import (
     EquilibriumTransformerLayer as EquilibriumTransformerLayer,
     TransformerMLP as TransformerMLP,
 )
+from ._weight_norm import (
+    apply_weight_norm as apply_weight_norm,
+    fold_weight_norm as fold_weight_norm,
+    WeightNorm as WeightNorm,
+)
