@@ -24,6 +24,7 @@ import math
 import pathlib
 import shutil
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, IO, TypeVar
 
@@ -42,6 +43,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .metrics import MetricsLogger
+from .plotting import plot_metrics
 from .sharding import initialize_distributed, ShardingError
 
 
@@ -66,7 +68,9 @@ class Run:
         self.best = self.dir / "best.eqx"
         self.metrics = MetricsLogger(self.dir)
         self.header: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {}  # the last save's extra header fields
         self.last_saved: int | None = None
+        self.throughput = Throughput(1, "units")
 
     # ---- before anything is written
 
@@ -96,9 +100,9 @@ class Run:
                 "or start over with --overwrite (deletes it)"
             )
 
-    def restore(self, skeleton: S) -> tuple[S, dict[str, Any]] | None:
+    def restore(self, skeleton: S) -> tuple[S, dict[str, Any]]:
         """`(state, header)` of the newest intact checkpoint, loaded into `skeleton`
-        (`None` if there is none).
+        (`(skeleton, {})` if there is none).
 
         A damaged `latest.eqx` falls back to `best.eqx` with a one-line warning.
         **Raises:** `RunError` when no checkpoint is intact or one does not fit.
@@ -118,14 +122,25 @@ class Run:
             except MismatchedCheckpoint as e:
                 raise RunError(f"{e}; resume with the run's config, or use --overwrite") from None
             self.last_saved = int(header["step"])
+            print(f"resumed from {path} at step {header['step']}")
             return state, header
-        return None
+        return skeleton, {}
 
     # ---- the point of no return
 
-    def begin(self, header: dict[str, Any], *, step: int, overwrite: bool = False) -> None:
+    def begin(
+        self,
+        header: dict[str, Any],
+        *,
+        step: int,
+        overwrite: bool = False,
+        units_per_step: int = 1,
+        unit: str = "units",
+    ) -> None:
         """Make `workdir` this run's: clear it (`overwrite`), remove stale temp files, write
-        `config.json` from `header`, drop metrics logged after `step`."""
+        `config.json` from `header`, drop metrics logged after `step`. Throughput is
+        reported in `unit`s (`units_per_step` per step)."""
+        self.throughput = Throughput(units_per_step, unit)
         if overwrite and self.dir.is_dir():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -140,9 +155,23 @@ class Run:
 
     # ---- while training
 
-    def log(self, step: int, split: str, **values: Any) -> None:
-        """Append a metrics record. **Raises:** `NonFiniteError` for a NaN/infinite `loss`
-        (after logging it)."""
+    def due(self, done: int, config: Any) -> tuple[bool, bool, bool]:
+        """Whether step `done` logs, evaluates and saves (every `log_every`,
+        `eval_every`, `checkpoint_every` steps of `config`, and all three at the last)."""
+        last = done == config.train_steps
+        return tuple(  # pyright: ignore[reportReturnType]
+            done % every == 0 or last
+            for every in (config.log_every, config.eval_every, config.checkpoint_every)
+        )
+
+    def log(self, step: int, split: str, show: Sequence[str] = (), **values: Any) -> None:
+        """Append a metrics record, and print the `show` values on one line.
+
+        **Raises:** `NonFiniteError` for a NaN/infinite `loss` (after logging it).
+        """
+        shown = [f"{k} {values[k]:.4g}" for k in show if k in values]
+        print(" | ".join([f"{split} step {step}", *shown]), flush=True)
+        self.throughput.sync(step)
         self.metrics.log(step, split, **values)
         loss = values.get("loss")
         if loss is not None and not math.isfinite(loss):
@@ -164,6 +193,7 @@ class Run:
                 f"non-finite parameters at step {step} ({kept}); "
                 "try a lower --lr, --grad_clip=1, or a more stable solver"
             )
+        self.extra = extra
         if step != self.last_saved or not self.latest.is_file():
             save_checkpoint(self.latest, state, {**self.header, **extra, "step": step})
             self.last_saved = step
@@ -174,7 +204,49 @@ class Run:
                     shutil.copyfileobj(src, f)
 
             atomic_write(self.best, _copy)
+        self.throughput.sync(step)
         return self.latest
+
+    def fetch(self, metrics: Mapping[str, Any], step: int) -> dict[str, float]:
+        """`metrics` as Python floats (a host sync), with `ms_per_step` and `<unit>_per_s`
+        over the steps since the last log or save (none in the first window, which
+        includes compilation)."""
+        return self.throughput.fetch(metrics, step)
+
+    def interrupted(self, state: Any) -> None:
+        """On Ctrl-C: save `state` (with the last save's extra fields), then raise
+        `KeyboardInterrupt` with the one line to show."""
+        path = self.save(state, **self.extra)
+        raise KeyboardInterrupt(f"saved step {int(state.step)} to {path}; continue with --resume")
+
+    # ---- at the end
+
+    def finish(self, results: dict[str, Any], panels: dict[str, list[tuple[str, str]]]) -> None:
+        """Write `results.json` and plot `metrics.jsonl` into `curves.png`."""
+        (self.dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        plot_metrics(self.dir, self.dir / "curves.png", panels=panels)
+
+
+class Throughput:
+    """Milliseconds per step and units per second between host syncs; the first window,
+    which includes compilation, is not timed."""
+
+    def __init__(self, units_per_step: int, unit: str):
+        self.units_per_step, self.unit = units_per_step, unit
+        self.last: tuple[float, int] | None = None
+
+    def fetch(self, metrics: Mapping[str, Any], done: int) -> dict[str, float]:
+        """`metrics` as Python floats (a host sync), with `ms_per_step` and
+        `<unit>_per_s` since the last `sync` (none before it)."""
+        values = {name: float(value) for name, value in metrics.items()}
+        if self.last is not None:
+            ms = 1e3 * (time.perf_counter() - self.last[0]) / (done - self.last[1])
+            values |= {"ms_per_step": ms, f"{self.unit}_per_s": 1e3 * self.units_per_step / ms}
+        return values
+
+    def sync(self, done: int) -> None:
+        """After a host sync (log line, evaluation, save): the next window starts here."""
+        self.last = (time.perf_counter(), done)
 
 
 @eqx.filter_jit

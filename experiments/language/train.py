@@ -22,9 +22,7 @@ Every field of `configs.Config` can be overridden with `--key=value` (`--help` l
 
 from __future__ import annotations
 
-import json
 import math
-import time
 
 import equinox as eqx
 import jax
@@ -35,7 +33,6 @@ import optax
 from experiments.common import config as cfg, run as runs
 from experiments.common.checkpoint import load_checkpoint
 from experiments.common.optim import count_params, make_optimizer, TrainState
-from experiments.common.plotting import plot_metrics
 from experiments.common.sharding import DataParallel
 
 from . import data
@@ -99,23 +96,20 @@ def train(
         cache_dir=config.cache_dir,
     )  # fmt: skip
     print(f"{parallel.describe()}\ndata: {splits.description}")
-    state, best_val = parallel.place_state(init_state(config)), math.inf
-    if resume and (restored := run.restore(state)):
-        state, header = restored
-        best_val = header.get("best_val", math.inf)
-    start, tokens_per_step = int(state.step), config.batch_size * config.seq_len
+    state = parallel.place_state(init_state(config))
+    state, header = run.restore(state) if resume else (state, {})
+    best_val, start = header.get("best_val", math.inf), int(state.step)
+    header = {"experiment": "wikitext", "name": name, "config": cfg.to_dict(config)}
     run.begin(
-        {"experiment": "wikitext", "name": name, "config": cfg.to_dict(config)},
+        header,
         step=start,
         overwrite=overwrite,
+        units_per_step=config.batch_size * config.seq_len,
+        unit="tokens",
     )
-    print(
-        f"{config.model}: {count_params(state.model):,} parameters, {tokens_per_step:,} tokens "
-        f"per step; steps {start} -> {config.train_steps}; {run.dir}"
-    )
+    print(f"{config.model}: {count_params(state.model):,} parameters; steps {start} -> {config.train_steps}")  # fmt: skip
 
     train_step, key = parallel.wrap_step(make_train_step(config)), jr.key(config.seed)
-    clock = None  # (time, step) of the last host sync; the first window (compilation) is untimed
     try:
         for step in range(start, config.train_steps):
             inputs, targets = data.get_batch(
@@ -124,54 +118,36 @@ def train(
             )  # fmt: skip
             batch = parallel.place_batch((inputs, targets))
             state, metrics = train_step(state, batch, jr.fold_in(key, step))
-            done, last = step + 1, step + 1 == config.train_steps
-            log_now = done % config.log_every == 0 or last
-            eval_now = done % config.eval_every == 0 or last
-            improved = False
-
+            done, improved = step + 1, False
+            log_now, eval_now, save_now = run.due(done, config)
             if log_now:
-                metrics = {name: float(value) for name, value in metrics.items()}  # a host sync
-                if clock is not None:
-                    metrics["ms_per_step"] = (
-                        1e3 * (time.perf_counter() - clock[0]) / (done - clock[1])
-                    )
-                    metrics["tokens_per_s"] = 1e3 * tokens_per_step / metrics["ms_per_step"]
-                speed = f" | {metrics['ms_per_step']:.0f} ms/step" if clock else ""
-                print(f"step {done} | loss {metrics['loss']:.4f} | nfe {metrics['nfe']:.1f}{speed}")
-                run.log(done, "train", **metrics)
+                metrics = run.fetch(metrics, done)  # a host sync
+                run.log(done, "train", show=("loss", "nfe", "tokens_per_s"), **metrics)
             if eval_now:
                 val = evaluate(state.model, splits.val, config, config.eval_tokens)
                 improved, best_val = val["loss"] < best_val, min(val["loss"], best_val)
-                print(f"val step {done} | loss {val['loss']:.4f} | ppl {val['ppl']:.2f}")
-                run.log(done, "val", **val)
-            if done % config.checkpoint_every == 0 or last or improved:
+                run.log(done, "val", show=("loss", "ppl"), **val)
+            if save_now or improved:
                 run.save(state, best=improved, best_val=best_val)
-            if log_now or eval_now:
-                clock = (time.perf_counter(), done)
     except KeyboardInterrupt:
-        path = run.save(state, best_val=best_val)
-        raise KeyboardInterrupt(f"saved step {int(state.step)} to {path}; continue with --resume")
+        run.interrupted(state)  # saves, then stops with one line
 
     # Report the checkpoint with the best validation loss (else the final one) on val and test.
-    best = run.best if run.best.is_file() else None
-    model = load_checkpoint(best, state)[0].model if best else state.model
+    model = load_checkpoint(run.best, state)[0].model if run.best.is_file() else state.model
+    val = evaluate(model, splits.val, config, config.eval_tokens)
+    test = evaluate(model, splits.test, config, config.test_tokens) if final_test else None
+    print(f"val ppl {val['ppl']:.2f}" + (f", test ppl {test['ppl']:.2f}" if test else ""))
     results = {
         "config": cfg.to_dict(config),
-        "checkpoint": "best" if best else "final",
         "params": count_params(model),
-        "val": evaluate(model, splits.val, config, config.eval_tokens),
-        "test": evaluate(model, splits.test, config, config.test_tokens) if final_test else None,
-        "unigram_val": data.unigram_perplexity(splits.train, splits.val),
-        "unigram_test": data.unigram_perplexity(splits.train, splits.test),
-        "data": splits.description,
-        "parallel": parallel.info(),
+        "val": val,
+        "test": test,
     }
-    (run.dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    test = f", test ppl {results['test']['ppl']:.2f}" if final_test else ""
-    print(f"{results['checkpoint']} checkpoint: val ppl {results['val']['ppl']:.2f}{test}")
-    plot_metrics(
-        run.dir,
-        run.dir / "curves.png",
+    results["unigram_val"] = data.unigram_perplexity(splits.train, splits.val)
+    results["unigram_test"] = data.unigram_perplexity(splits.train, splits.test)
+    results["data"] = splits.description
+    run.finish(
+        results,
         panels={
             "loss": [("train", "loss"), ("val", "loss")],
             "val perplexity": [("val", "ppl")],

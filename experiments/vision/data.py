@@ -97,6 +97,10 @@ class CIFAR10:
     y_test: np.ndarray
     source: str
 
+    def test(self) -> tuple[np.ndarray, np.ndarray]:
+        """`(x_test, y_test)`."""
+        return self.x_test, self.y_test
+
     def take(self, train: int | None = None, test: int | None = None) -> "CIFAR10":
         """The first `train`/`test` examples (None: all)."""
         return dataclasses.replace(

@@ -17,9 +17,6 @@ picks `best.eqx`; the test split is only used to report the best checkpoint at t
 
 from __future__ import annotations
 
-import json
-import time
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -29,7 +26,6 @@ import optax
 from experiments.common import config as cfg, run as runs
 from experiments.common.checkpoint import load_checkpoint
 from experiments.common.optim import count_params, make_optimizer, TrainState
-from experiments.common.plotting import plot_metrics
 from experiments.common.sharding import DataParallel
 
 from . import data as vdata
@@ -114,75 +110,52 @@ def train(config: Config, workdir, *, name="custom", resume=False, overwrite=Fal
         dataset.x_train[:-n_val], dataset.y_train[:-n_val], config.batch_size, config.seed
     )
     print(f"{parallel.describe()}\ndata: {dataset.source}")
-    state, best_acc = parallel.place_state(init_state(config)), -1.0
-    if resume and (restored := run.restore(state)):
-        state, header = restored
-        best_acc = header.get("best_acc", -1.0)
-    start = int(state.step)
+    state = parallel.place_state(init_state(config))
+    state, header = run.restore(state) if resume else (state, {})
+    best_acc, start = header.get("best_acc", -1.0), int(state.step)
+    header = {"experiment": "cifar", "name": name, "config": cfg.to_dict(config)}
     run.begin(
-        {"experiment": "cifar", "name": name, "config": cfg.to_dict(config)},
-        step=start,
-        overwrite=overwrite,
+        header, step=start, overwrite=overwrite, units_per_step=config.batch_size, unit="images"
     )
     print(
         f"{config.model} ({config.solver}, {config.adjoint}): {count_params(state.model):,} "
         f"parameters; {len(batches.images)} train / {n_val} val / {len(dataset.x_test)} test "
-        f"images; steps {start} -> {config.train_steps} of {config.batch_size}; {run.dir}"
+        f"images; steps {start} -> {config.train_steps}"
     )
 
     train_step, key = parallel.wrap_step(make_train_step(config)), jr.key(config.seed)
-    clock = None  # (time, step) of the last host sync; the first window (compilation) is untimed
     try:
         for step in range(start, config.train_steps):
             batch = parallel.place_batch(batches.get(step))
             state, metrics = train_step(state, batch, jr.fold_in(key, step))
-            done, last = step + 1, step + 1 == config.train_steps
-            log_now = done % config.log_every == 0 or last
-            eval_now = done % config.eval_every == 0 or last
-            improved = False
-
+            done, improved = step + 1, False
+            log_now, eval_now, save_now = run.due(done, config)
             if log_now:
-                metrics = {name: float(value) for name, value in metrics.items()}  # a host sync
-                if clock is not None:
-                    metrics["ms_per_step"] = (
-                        1e3 * (time.perf_counter() - clock[0]) / (done - clock[1])
-                    )
-                    metrics["images_per_s"] = 1e3 * config.batch_size / metrics["ms_per_step"]
-                speed = f" | {metrics['images_per_s']:.0f} images/s" if clock else ""
-                print(f"step {done} | loss {metrics['loss']:.4f} | acc {metrics['acc']:.3f}{speed}")
-                run.log(done, "train", **metrics)
+                metrics = run.fetch(metrics, done)  # a host sync
+                run.log(done, "train", show=("loss", "acc", "images_per_s"), **metrics)
             if eval_now:
                 val = evaluate(state.model, state.model_state, x_val, y_val, config.eval_batch_size)
                 improved, best_acc = val["acc"] > best_acc, max(val["acc"], best_acc)
-                print(f"val step {done} | loss {val['loss']:.4f} | acc {val['acc']:.3f}")
-                run.log(done, "val", **val)
-            if done % config.checkpoint_every == 0 or last or improved:
+                run.log(done, "val", show=("loss", "acc"), **val)
+            if save_now or improved:
                 run.save(state, best=improved, best_acc=best_acc)
-            if log_now or eval_now:
-                clock = (time.perf_counter(), done)
     except KeyboardInterrupt:
-        path = run.save(state, best_acc=best_acc)
-        raise KeyboardInterrupt(f"saved step {int(state.step)} to {path}; continue with --resume")
+        run.interrupted(state)  # saves, then stops with one line
 
-    # Report the checkpoint with the best validation accuracy on the test split.
+    # Report the checkpoint with the best validation accuracy on the test split, once.
     best = load_checkpoint(run.best, state)[0] if run.best.is_file() else state
+    val = evaluate(best.model, best.model_state, x_val, y_val, config.eval_batch_size)
+    test = evaluate(best.model, best.model_state, *dataset.test(), config.eval_batch_size)
+    print(
+        f"step {int(best.step)} (best val acc): val acc {val['acc']:.3f}, test acc {test['acc']:.3f}"
+    )
     results = {
         "config": cfg.to_dict(config),
-        "checkpoint": "best" if run.best.is_file() else "final",
-        "step": int(best.step),
         "params": count_params(best.model),
-        "val": evaluate(best.model, best.model_state, x_val, y_val, config.eval_batch_size),
-        "test": evaluate(
-            best.model, best.model_state, dataset.x_test, dataset.y_test, config.eval_batch_size
-        ),
-        "data": dataset.source,
-        "parallel": parallel.info(),
+        "step": int(best.step),
     }
-    (run.dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{results['checkpoint']} checkpoint: test acc {results['test']['acc']:.3f}")
-    plot_metrics(
-        run.dir,
-        run.dir / "curves.png",
+    run.finish(
+        results | {"val": val, "test": test, "data": dataset.source},
         panels={
             "loss": [("train", "loss"), ("val", "loss")],
             "accuracy": [("train", "acc"), ("val", "acc")],
@@ -190,7 +163,7 @@ def train(config: Config, workdir, *, name="custom", resume=False, overwrite=Fal
             "learning rate": [("train", "lr")],
         },
     )
-    return results
+    return results | {"val": val, "test": test}
 
 
 def main(argv: list[str] | None = None):

@@ -330,7 +330,8 @@ def _state(value: float, step: int) -> TrainState:
 def test_run_directory_is_one_run(tmp_path):
     run = Run(tmp_path / "run")
     run.check(resume=False, overwrite=False)  # absent: fine
-    assert run.restore(_state(0, 0)) is None and not run.dir.exists()
+    fresh = _state(0, 0)
+    assert run.restore(fresh) == (fresh, {}) and not run.dir.exists()  # nothing to restore
     run.begin({"experiment": "x", "config": {"a": 1}}, step=0)
     assert json.loads((run.dir / "config.json").read_text())["config"] == {"a": 1}
     run.log(1, "train", loss=0.5)
