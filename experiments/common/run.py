@@ -108,19 +108,23 @@ class Run:
         **Raises:** `RunError` when no checkpoint is intact or one does not fit.
         """
         candidates = [path for path in (self.latest, self.best) if path.is_file()]
-        for i, path in enumerate(candidates):
+        damaged: DamagedCheckpoint | None = None
+        for path in candidates:
             try:
                 state, header = load_checkpoint(path, skeleton)
             except DamagedCheckpoint as e:
-                if path is not candidates[-1]:
-                    print(f"warning: {e}; falling back to {candidates[-1]}", file=sys.stderr)
-                    continue
-                also = f" ({self.latest.name} is damaged too)" if i else ""
-                raise RunError(
-                    f"{e}{also}; no intact checkpoint to resume from; start over with --overwrite"
-                ) from None
+                if path is candidates[-1]:
+                    also = f" ({self.latest.name} is damaged too)" if damaged else ""
+                    raise RunError(
+                        f"{e}{also}; no intact checkpoint to resume from; "
+                        "start over with --overwrite"
+                    ) from None
+                damaged = e
+                continue
             except MismatchedCheckpoint as e:
                 raise RunError(f"{e}; resume with the run's config, or use --overwrite") from None
+            if damaged is not None:  # only said once the fall-back has worked
+                print(f"warning: {damaged}; falling back to {path}", file=sys.stderr)
             self.last_saved = int(header["step"])
             print(f"resumed from {path} at step {header['step']}")
             return state, header
