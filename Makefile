@@ -8,6 +8,8 @@ STAMP   := $(VENV)/.installed
 CONFIG  ?= small
 DATA_DIR ?=
 RUNS    ?= runs
+# e.g. TRAIN_FLAGS=--resume (continue the run) or TRAIN_FLAGS=--overwrite (start it over)
+TRAIN_FLAGS ?=
 DATA_FLAG := $(if $(DATA_DIR),--data-dir=$(DATA_DIR),)
 # WikiText: DATA_DIR, else the offline WikiText-2 copy beside the repository if there is one,
 # else the Hugging Face hub.
@@ -21,7 +23,7 @@ help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
 	@echo "Targets: install test test-slow test-all lint format bench smoke"
 	@echo "         train-wikitext eval-wikitext compare-wikitext train-cifar eval-cifar compare-cifar"
-	@echo "Variables: CONFIG=$(CONFIG) DATA_DIR=<dir> RUNS=$(RUNS)"
+	@echo "Variables: CONFIG=$(CONFIG) DATA_DIR=<dir> RUNS=$(RUNS) TRAIN_FLAGS=--resume|--overwrite"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +55,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.precision --out benchmarks/results
 
 train-wikitext: $(STAMP)
-	$(PY) -m experiments.language.train --config=$(CONFIG) $(LM_DATA_FLAG) --workdir=$(RUNS)/wikitext-$(CONFIG)
+	$(PY) -m experiments.language.train --config=$(CONFIG) $(LM_DATA_FLAG) --workdir=$(RUNS)/wikitext-$(CONFIG) $(TRAIN_FLAGS)
 
 eval-wikitext: $(STAMP)
 	$(PY) -m experiments.language.evaluate --workdir=$(RUNS)/wikitext-$(CONFIG) $(LM_DATA_FLAG)
@@ -62,7 +64,7 @@ compare-wikitext: $(STAMP)
 	$(PY) -m experiments.language.compare $(LM_DATA_FLAG)
 
 train-cifar: $(STAMP)
-	$(PY) -m experiments.vision.train --config=$(CONFIG) $(DATA_FLAG) --workdir=$(RUNS)/cifar-$(CONFIG)
+	$(PY) -m experiments.vision.train --config=$(CONFIG) $(DATA_FLAG) --workdir=$(RUNS)/cifar-$(CONFIG) $(TRAIN_FLAGS)
 
 eval-cifar: $(STAMP)
 	$(PY) -m experiments.vision.evaluate --workdir=$(RUNS)/cifar-$(CONFIG) $(DATA_FLAG)

@@ -1,391 +1,303 @@
-"""Experiment configuration: frozen dataclasses, strict `--key=value` overrides, JSON.
+"""Experiment configs: frozen dataclasses, `--key=value` overrides, JSON, and validation.
 
-An experiment defines one frozen `@dataclass Config` that lists every knob with its
-default, plus a registry of named instances (`"tiny"`, `"small"`, `"paper"`, ...).
-`parse_config` picks one with `--config=NAME` and applies command-line overrides,
-converting each string to the field's type and rejecting unknown keys, as nanoGPT's
-`configurator.py` does, minus its `exec` into `globals()`.
+Each experiment lists every knob in one frozen `@dataclass Config` (nanoGPT's habit of
+one visible default per setting) with a registry of named instances. The field types are
+the vocabulary understood here: `int`, `float`, `str`, `bool`, `tuple[int, ...]`,
+`Literal[...]` and `X | None`. Both experiments use the same names for the same knobs.
 
-```python
-@dataclasses.dataclass(frozen=True)
-class Config:
-    lr: float = 3e-4            # peak learning rate
-    steps: int = 1000           # optimiser steps
-    widths: tuple[int, ...] = (64, 128)
-    resume: bool = False
-
-CONFIGS = {"tiny": Config(steps=20), "small": Config()}
-argv = ["--config=tiny", "--lr=1e-3", "--widths=32,64", "--resume"]
-config, overrides = parse_config(CONFIGS, argv, default="small")
-```
+`validate` checks every value (its type, then the ranges in `RULES`, then the relations
+in `_CROSS_CHECKS`) and raises `ConfigError` with one line naming the field, the value and
+the fix. The training CLIs call it before they touch data, devices or files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import enum
-import pathlib
-import sys
+import math
+import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 
-ConfigT = TypeVar("ConfigT")
+C = TypeVar("C")
 
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
-_NONE = frozenset({"none", "null"})
-_HELP = frozenset({"--help", "-h"})
+
+class ConfigError(ValueError):
+    """A config value or command-line argument that cannot work; one line, says the fix."""
 
 
 # --------------------------------------------------------------------------------------
-# Field types
+# Types of config fields
 # --------------------------------------------------------------------------------------
 
 
-def _check_dataclass_type(cls: Any) -> None:
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        raise TypeError(f"expected a dataclass type, got {cls!r}")
-
-
-def _field_types(cls: type, *, init_only: bool = True) -> dict[str, Any]:
-    """Resolved type of every (init) field of dataclass `cls`, in definition order."""
-    _check_dataclass_type(cls)
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type annotation, in definition order."""
     hints = typing.get_type_hints(cls)
-    return {
-        f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init or not init_only
-    }
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _is_union(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+def _options(tp: Any) -> tuple[Any, ...]:
+    """The members of a union (`X | None`), or `(tp,)`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
 
 
 def _type_name(tp: Any) -> str:
     if tp is type(None):
-        return "None"
-    if isinstance(tp, type) and typing.get_origin(tp) is None:
-        return tp.__name__
-    if _is_union(tp):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    origin = typing.get_origin(tp)
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is not None:
-        args = ", ".join("..." if a is Ellipsis else _type_name(a) for a in typing.get_args(tp))
-        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
-    return str(tp).replace("typing.", "")
+        return "none"
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return f"comma-separated {typing.get_args(tp)[0].__name__}s"
+    names = [_type_name(t) for t in _options(tp)] if len(_options(tp)) > 1 else None
+    return " or ".join(names) if names else getattr(tp, "__name__", str(tp))
 
 
-def _accepts_bool(tp: Any) -> bool:
-    if tp is bool:
-        return True
-    return _is_union(tp) and bool in typing.get_args(tp)
-
-
-def _suggestion(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
-
-
-# --------------------------------------------------------------------------------------
-# Parsing command-line strings
-# --------------------------------------------------------------------------------------
-
-
-def _parse_int(text: str) -> int:
-    text = text.strip()
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    value = float(text)  # "1e3" -> 1000; raises ValueError on junk
-    if not value.is_integer():
-        raise ValueError(f"{text!r} is not an integer")
-    return int(value)
-
-
-def _parse_value(tp: Any, text: str) -> Any:
-    """Convert the command-line string `text` to `tp`; `ValueError` if impossible."""
-    if tp is Any:
-        return text
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if _is_union(tp):
-        non_none = [a for a in args if a is not type(None)]
-        if len(non_none) < len(args) and text.strip().lower() in _NONE:
-            return None
-        for arg in non_none:
-            try:
-                return _parse_value(arg, text)
-            except ValueError:
-                continue
-        raise ValueError()
-    if origin is typing.Literal:
-        for choice in args:
-            if str(choice) == text.strip():
-                return choice
-        raise ValueError()
-    if origin in (tuple, list) or tp in (tuple, list):
-        body = text.strip()
-        if body[:1] in "([" and body[-1:] in ")]":
-            body = body[1:-1]
-        items = [] if body.strip() == "" else [item.strip() for item in body.split(",")]
-        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            item_types: list[Any] = [args[0]] * len(items)
-        elif origin is tuple and args and args != ((),):
-            if len(items) != len(args):
-                raise ValueError(f"expected {len(args)} comma-separated items, got {len(items)}")
-            item_types = list(args)
-        elif origin is list and args:
-            item_types = [args[0]] * len(items)
-        else:
-            item_types = [str] * len(items)
-        values = [_parse_value(t, item) for t, item in zip(item_types, items)]
-        return list(values) if (origin is list or tp is list) else tuple(values)
-    if tp is bool:
-        lowered = text.strip().lower()
-        if lowered in _TRUE:
+def _matches(tp: Any, value: Any) -> bool:
+    """Whether `value` is a valid value of the config field type `tp`."""
+    for option in _options(tp):
+        origin = typing.get_origin(option)
+        if option is type(None) and value is None:
             return True
-        if lowered in _FALSE:
-            return False
-        raise ValueError("use true/false/1/0")
-    if tp is int:
-        return _parse_int(text)
-    if tp is float:
-        return float(text)
-    if tp is str:
-        return text
-    if isinstance(tp, type) and issubclass(tp, pathlib.PurePath):
-        return tp(text)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        for member in tp:
-            if text.strip() in (member.name, str(member.value)):
-                return member
-        raise ValueError()
-    raise TypeError(f"config fields of type {_type_name(tp)} cannot be set from the command line")
+        if origin is typing.Literal and value in typing.get_args(option):
+            return True
+        if origin is tuple and isinstance(value, tuple):
+            (item,) = typing.get_args(option)[:1]
+            if all(_matches(item, v) for v in value):
+                return True
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if option in (int, str, bool) and type(value) is option:
+            return True
+    return False
 
 
-def format_config(config: Any) -> str:
-    """One `name = value  (type)` line per field of the dataclass instance `config`."""
-    hints = _field_types(type(config), init_only=False)
-    width = max((len(name) for name in hints), default=0)
-    return "\n".join(
-        f"  {name:<{width}} = {getattr(config, name)!r}  ({_type_name(tp)})"
-        for name, tp in hints.items()
-    )
-
-
-def parse_config(
-    registry: Mapping[str, ConfigT], argv: Sequence[str] | None = None, *, default: str
-) -> tuple[ConfigT, dict[str, Any]]:
-    """Pick a named config and apply `--key=value` overrides from the command line.
-
-    **Arguments:**
-
-    - `registry`: name -> frozen dataclass instance (all of the same class).
-    - `argv`: arguments such as `["--config=small", "--lr=1e-3", "--widths=1,2,3",
-        "--resume"]`; defaults to `sys.argv[1:]`. `--config=NAME` selects the base
-        config; every other `--key=value` replaces a dataclass field, converted to the
-        field's type: `int` (also `1e3`), `float`, `str`, `bool`
-        (`true/false/1/0/yes/no`), `tuple[int, ...]` as `1,2,3`, `X | None` accepting
-        `none`, `Literal[...]`, `Path`. A bare `--flag` sets a bool field to `True`.
-        Dashes in keys read as underscores (`--log-every=10`). `--help` prints the
-        fields of the selected config and exits.
-    - `default`: the registry name used when no `--config` is given.
-
-    **Returns:**
-
-    `(config, overrides)`: the new frozen config and a dict of the converted overridden
-    values.
-
-    **Raises:**
-
-    `ValueError` for an unknown config name, an unknown key (listing the valid ones,
-    with a close-match suggestion), a value that does not convert, or a malformed
-    argument.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if default not in registry:
-        raise ValueError(f"default config {default!r} is not in the registry {sorted(registry)}")
-    name = default
-    pairs: list[tuple[str, str | None]] = []
-    want_help = False
-    for arg in argv:
-        if arg in _HELP:
-            want_help = True
+def _from_text(tp: Any, text: str) -> Any:
+    """The command-line string `text` as a value of type `tp`; `ValueError` if it is not one."""
+    for option in _options(tp):
+        origin = typing.get_origin(option)
+        try:
+            if option is type(None) and text.lower() in ("none", "null"):
+                return None
+            if origin is typing.Literal:
+                (value,) = [a for a in typing.get_args(option) if str(a) == text]
+                return value
+            if origin is tuple:
+                (item,) = typing.get_args(option)[:1]
+                return tuple(_from_text(item, t.strip()) for t in text.split(",") if t.strip())
+            if option is bool and text.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return text.lower() in ("true", "1", "yes")
+            if option is int:
+                value = float(text)  # accepts 1e3
+                if value.is_integer():
+                    return int(value)
+            if option is float:
+                return float(text)
+            if option is str:
+                return text
+        except ValueError:
             continue
-        if not arg.startswith("--") or len(arg) == 2 or arg[2] == "=":
-            raise ValueError(f"unexpected argument {arg!r}: expected --key=value or --flag")
-        key, sep, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if key == "config":
-            if not sep or not value:
-                raise ValueError(f"--config needs a name: one of {sorted(registry)}")
-            name = value
-        else:
-            pairs.append((key, value if sep else None))
-    if name not in registry:
-        raise ValueError(
-            f"unknown config {name!r}; choose from {sorted(registry)}."
-            + _suggestion(name, list(registry))
-        )
-    base = registry[name]
-    if not dataclasses.is_dataclass(base) or isinstance(base, type):
-        raise TypeError(f"registry[{name!r}] must be a dataclass instance, got {base!r}")
-    if want_help:
-        print(
-            f"config {name!r} (choose with --config=NAME from {sorted(registry)}); "
-            "override with --key=value:"
-        )
-        print(format_config(base))
-        raise SystemExit(0)
-    field_types = _field_types(type(base))
-    overrides: dict[str, Any] = {}
-    for key, text in pairs:
-        if key not in field_types:
-            raise ValueError(
-                f"unknown config key {key!r}.{_suggestion(key, list(field_types))} "
-                f"Valid keys: {', '.join(field_types)}."
+    raise ValueError(text)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """JSON-ready dict of a config (tuples become lists)."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }
+
+
+def from_dict(cls: type[C], values: Mapping[str, Any]) -> C:
+    """Inverse of `to_dict`; missing fields take their defaults. **Raises:** `ConfigError`
+    for unknown fields; values are not checked here (call `validate`)."""
+    types_ = field_types(cls)
+    unknown = [k for k in values if k not in types_]
+    if unknown:
+        raise ConfigError(f"unknown config field {unknown[0]!r}{_did_you_mean(unknown[0], types_)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def apply_overrides(config: C, pairs: Mapping[str, str | None]) -> tuple[C, dict[str, Any]]:
+    """`config` with each `key -> text` converted to its field's type (`None` text: a bare
+    `--flag`, true). Returns `(new config, {key: value})`. **Raises:** `ConfigError`."""
+    types_ = field_types(type(config))
+    values: dict[str, Any] = {}
+    for key, text in pairs.items():
+        if key not in types_:
+            raise ConfigError(
+                f"unknown option --{key}{_did_you_mean(key, types_)} (--help lists them)"
             )
-        tp = field_types[key]
+        tp = types_[key]
         if text is None:
-            if not _accepts_bool(tp):
-                raise ValueError(f"--{key} needs a value: --{key}=<{_type_name(tp)}>")
-            overrides[key] = True
+            if bool not in _options(tp):
+                raise ConfigError(f"--{key} needs a value: --{key}=<{_type_name(tp)}>")
+            values[key] = True
             continue
         try:
-            overrides[key] = _parse_value(tp, text)
-        except ValueError as e:
-            detail = f" ({e})" if str(e) else ""
-            raise ValueError(
-                f"bad value {text!r} for --{key}: expected {_type_name(tp)}{detail}"
-            ) from None
-    config = dataclasses.replace(base, **overrides)  # pyright: ignore[reportArgumentType]
-    for key, value in overrides.items():
-        print(f"override {key} = {value!r} (was {getattr(base, key)!r})")
-    return config, overrides
+            values[key] = _from_text(tp, text)
+        except ValueError:
+            raise ConfigError(f"--{key}={text}: expected {_type_name(tp)}") from None
+    return dataclasses.replace(config, **values), values  # pyright: ignore
 
 
-# --------------------------------------------------------------------------------------
-# JSON round trip
-# --------------------------------------------------------------------------------------
+def split_args(argv: typing.Sequence[str]) -> dict[str, str | None]:
+    """`["--lr=1e-3", "--resume", "--data-dir=x"]` -> `{"lr": "1e-3", "resume": None,
+    "data_dir": "x"}` (dashes in keys read as underscores; `-h` is `help`)."""
+    pairs: dict[str, str | None] = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            pairs["help"] = None
+            continue
+        if not arg.startswith("--") or arg[2:3] in ("", "="):
+            raise ConfigError(f"unexpected argument {arg!r}: expected --key=value")
+        key, sep, value = arg[2:].partition("=")
+        pairs[key.replace("-", "_")] = value if sep else None
+    return pairs
 
 
-def _to_json(value: Any, where: str) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return config_to_dict(value)
-    if isinstance(value, (tuple, list)):
-        return [_to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, Mapping):
-        return {str(k): _to_json(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, pathlib.PurePath):
-        return str(value)
-    if isinstance(value, enum.Enum):
-        return _to_json(value.value, where)
-    raise TypeError(
-        f"config field {where} = {value!r} ({type(value).__name__}) is not JSON-serialisable"
+def from_args(argv: typing.Sequence[str], configs: Mapping[str, C], default: str) -> C:
+    """The config named by `--config=NAME` (else `default`) with the other `--key=value`
+    overrides applied, validated. **Raises:** `ConfigError`."""
+    pairs = split_args(argv)
+    name = pairs.pop("config", None) or default
+    if name not in configs:
+        raise ConfigError(f"--config={name}: unknown; choose from {', '.join(configs)}")
+    config, _ = apply_overrides(configs[name], pairs)
+    validate(config)
+    return config
+
+
+def describe(config: Any) -> str:
+    """One `name = value` line per field, for `--help`."""
+    width = max(len(f.name) for f in dataclasses.fields(config))
+    return "\n".join(
+        f"  --{f.name:<{width}} = {getattr(config, f.name)!r}" for f in dataclasses.fields(config)
     )
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """JSON-safe dict of a dataclass instance.
-
-    Tuples become lists, paths strings, nested dataclasses dicts.
-    """
-    if not dataclasses.is_dataclass(config) or isinstance(config, type):
-        raise TypeError(f"expected a dataclass instance, got {config!r}")
-    return {f.name: _to_json(getattr(config, f.name), f.name) for f in dataclasses.fields(config)}
+# --------------------------------------------------------------------------------------
+# Validation: one table for both experiments
+# --------------------------------------------------------------------------------------
 
 
-def _from_json(tp: Any, value: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if _is_union(tp):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _from_json(arg, value, where)
-            except (TypeError, ValueError):
-                continue
-        raise ValueError(f"{where}: {value!r} does not match {_type_name(tp)}")
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise ValueError(f"{where}: {value!r} is not {_type_name(tp)}")
-    if origin in (tuple, list) or tp in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list for {_type_name(tp)}, got {value!r}")
-        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            items = [_from_json(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-        elif origin is tuple and args and args != ((),):
-            if len(value) != len(args):
-                raise ValueError(f"{where}: expected {len(args)} items, got {len(value)}")
-            items = [_from_json(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(args, value))]
-        elif origin is list and args:
-            items = [_from_json(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-        else:
-            items = list(value)
-        return items if (origin is list or tp is list) else tuple(items)
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where}: expected a dict, got {value!r}")
-        if len(args) == 2:
-            return {k: _from_json(args[1], v, f"{where}[{k!r}]") for k, v in value.items()}
-        return dict(value)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where}: expected a dict for {tp.__name__}, got {value!r}")
-        return config_from_dict(tp, value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected bool, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected int, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected float, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected str, got {value!r}")
-        return value
-    if isinstance(tp, type) and issubclass(tp, pathlib.PurePath):
-        return tp(value)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return tp(value)
-    return value
+def _positive(v: Any) -> bool:
+    return all(x > 0 for x in (v if isinstance(v, tuple) else (v,)))
 
 
-def config_from_dict(cls: type[ConfigT], d: Mapping[str, Any]) -> ConfigT:
-    """Inverse of `config_to_dict`: rebuild a `cls` (tuples, paths, ...).
+def _nonnegative(v: Any) -> bool:
+    return all(x >= 0 for x in (v if isinstance(v, tuple) else (v,)))
 
-    Missing keys take the dataclass defaults (so older checkpoints load after a field is
-    added); unknown keys raise `ValueError`; fields declared with `init=False` are
-    recomputed, not read.
-    """
-    init_types = _field_types(cls)
-    all_names = set(_field_types(cls, init_only=False))
-    unknown = [k for k in d if k not in all_names]
-    if unknown:
-        raise ValueError(
-            f"unknown keys {unknown} for {cls.__name__}."
-            f"{_suggestion(unknown[0], list(all_names))} "
-            f"Valid keys: {', '.join(init_types)}."
+
+def _unit(v: float) -> bool:  # a probability or fraction in [0, 1)
+    return 0 <= v < 1
+
+
+def _existing_dir(v: str | None) -> bool:
+    return v is None or v == "" or os.path.exists(os.path.expanduser(v))
+
+
+# field -> (check, what a good value is). Fields a config does not have are skipped; None
+# values of optional fields are accepted unless the check says otherwise.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    # optimisation
+    "lr": (lambda v: v > 0 and math.isfinite(v), "must be a positive learning rate, e.g. 3e-4"),
+    "min_lr": (_nonnegative, "must be >= 0"),
+    "weight_decay": (_nonnegative, "must be >= 0, e.g. 0.1"),
+    "grad_clip": (_nonnegative, "must be >= 0 (0 turns clipping off), e.g. 1.0"),
+    "warmup_steps": (_nonnegative, "must be >= 0"),
+    "train_steps": (_positive, "must be >= 1"),
+    "batch_size": (_positive, "must be >= 1"),
+    "eval_batch_size": (_positive, "must be >= 1"),
+    "plateau_factor": (lambda v: 0 < v < 1, "must lie in (0, 1), e.g. 0.5"),
+    "plateau_patience": (_positive, "must be >= 1"),
+    "plateau_window": (_positive, "must be >= 1"),
+    # loop
+    "log_every": (_positive, "must be >= 1"),
+    "eval_every": (_positive, "must be >= 1"),
+    "checkpoint_every": (_positive, "must be >= 1"),
+    "seed": (_nonnegative, "must be >= 0"),
+    # solver
+    "beta": (lambda v: 0 < v < 2 and v != 1, "must lie in (0, 2) and not be 1, e.g. 0.5"),
+    "max_steps": (_positive, "must be >= 1 (solver steps)"),
+    "tol": (_nonnegative, "must be >= 0, e.g. 1e-3"),
+    "anderson_m": (_positive, "must be >= 1"),
+    "implicit_tol": (_positive, "must be > 0, e.g. 1e-6"),
+    "implicit_max_steps": (_positive, "must be >= 1"),
+    # model
+    "dim": (_positive, "must be >= 1"),
+    "num_heads": (_positive, "must be >= 1"),
+    "mlp_ratio": (_positive, "must be >= 1"),
+    "seq_len": (_positive, "must be >= 1"),
+    "num_layers": (_positive, "must be >= 1"),
+    "dropout": (_unit, "must lie in [0, 1), e.g. 0.1"),
+    "channels": (lambda v: len(v) >= 1 and _positive(v), "must be one or more positive ints"),
+    "width": (lambda v: len(v) >= 1 and _positive(v), "must be one or more positive ints"),
+    "bn_momentum": (_unit, "must lie in [0, 1), e.g. 0.9"),
+    "resnet_width": (_positive, "must be >= 1"),
+    "ode_augment": (_nonnegative, "must be >= 0"),
+    "ode_hidden": (_positive, "must be >= 1"),
+    "ode_steps": (_nonnegative, "must be >= 0 (0: adaptive)"),
+    # data
+    "holdout_fraction": (lambda v: 0 < v < 1, "must lie in (0, 1), e.g. 0.1"),
+    "eval_tokens": (lambda v: v is None or v > 0, "must be >= 1, or none for all"),
+    "test_tokens": (lambda v: v is None or v > 0, "must be >= 1, or none for all"),
+    "train_size": (_nonnegative, "must be >= 0 (0: all)"),
+    "test_size": (_nonnegative, "must be >= 0 (0: all)"),
+    "data_dir": (_existing_dir, "does not exist; give an existing directory"),
+    "tokenizer_dir": (_existing_dir, "does not exist; give an existing directory"),
+}
+
+
+def _cross_checks(c: Any) -> typing.Iterator[str]:
+    """Relations between fields, each a one-line message when broken."""
+    has = lambda *names: all(hasattr(c, n) for n in names)
+    if has("dim", "num_heads") and c.dim % c.num_heads:
+        yield (
+            f"--dim={c.dim} is not divisible by --num_heads={c.num_heads}; "
+            f"use a multiple of {c.num_heads}, e.g. --dim={c.num_heads * max(1, c.dim // c.num_heads)}"
         )
-    kwargs = {k: _from_json(init_types[k], v, k) for k, v in d.items() if k in init_types}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"cannot build {cls.__name__} from {dict(d)!r}: {e}") from e
+    if has("warmup_steps", "train_steps") and c.warmup_steps > c.train_steps:
+        yield (
+            f"--warmup_steps={c.warmup_steps} exceeds --train_steps={c.train_steps}; "
+            "warm up for at most train_steps"
+        )
+    if has("adjoint", "solver") and c.adjoint == "reversible" and c.solver != "reversible":
+        yield (
+            f"--adjoint=reversible needs --solver=reversible, got --solver={c.solver}; "
+            "use --adjoint=implicit (classic DEQ) or --adjoint=unrolled with that solver"
+        )
+    if has("channels", "width", "max_steps") and not (
+        len(c.channels) == len(c.width) == len(c.max_steps)
+    ):
+        yield (
+            f"--channels, --width and --max_steps need one entry per scale, got "
+            f"{len(c.channels)}, {len(c.width)} and {len(c.max_steps)} entries"
+        )
+    if has("min_lr", "lr") and c.min_lr > c.lr:
+        yield f"--min_lr={c.min_lr} exceeds --lr={c.lr}; use a smaller --min_lr"
+
+
+def validate(config: Any) -> None:
+    """Check every field of `config`. **Raises:** `ConfigError`, one line, on the first
+    problem: a value of the wrong type, out of range, or inconsistent with another."""
+    for name, tp in field_types(type(config)).items():
+        value = getattr(config, name)
+        if not _matches(tp, value):
+            raise ConfigError(f"--{name}={value!r} is not valid: expected {_type_name(tp)}")
+        if name in RULES and value is not None:
+            check, what = RULES[name]
+            if not check(value):
+                shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+                raise ConfigError(f"--{name}={shown}: {what}")
+    for problem in _cross_checks(config):
+        raise ConfigError(problem)

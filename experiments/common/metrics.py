@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 from typing import Any, IO
 
@@ -85,7 +86,8 @@ class MetricsLogger:
         """Drop records with `step > after_step`.
 
         Used when resuming from a checkpoint at `after_step`, so that metrics logged
-        after that checkpoint by a crashed run do not appear twice.
+        after that checkpoint by a crashed run do not appear twice; a torn last line is
+        dropped too, so that new records do not continue it.
 
         Rewrites the file atomically; returns the number of records dropped.
         """
@@ -94,7 +96,8 @@ class MetricsLogger:
         records = read_metrics(self.path)
         kept = [r for r in records if r.get("step", 0) <= after_step]
         dropped = len(records) - len(kept)
-        if dropped:
+        torn = not self.path.read_bytes().endswith(b"\n")
+        if dropped or torn:
 
             def _write(f: IO[bytes]) -> None:
                 for record in kept:
@@ -110,13 +113,13 @@ class MetricsLogger:
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """All records of a metrics file (or of `path/metrics.jsonl` for a directory).
 
-    A final line cut short by a crash is skipped; a malformed line elsewhere raises
-    `ValueError`. Returns `[]` if the file does not exist yet.
+    A last line cut short by a killed write is skipped, with a one-line note on stderr; a
+    malformed line elsewhere raises `ValueError`. Returns `[]` if the file does not exist.
     """
     file = metrics_file(path)
     if not file.is_file():
         return []
-    lines = file.read_text(encoding="utf-8").splitlines()
+    lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
     records = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -125,7 +128,8 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:
-                break  # a partial last line from an interrupted write
+                print(f"note: skipped the torn last line of {file}", file=sys.stderr)
+                break
             raise ValueError(f"{file}:{i + 1} is not valid JSON: {e}") from e
     return records
 

@@ -1,100 +1,103 @@
-"""Optimiser recipe shared by the experiments: AdamW, warm-up, cosine decay, clipping.
+"""The optimiser both experiments use, and the state a train step updates.
+
+AdamW (weight decay on matrices only, as nanoGPT), optional global-norm clipping, and one
+of three learning-rate schedules named by `config.schedule`:
+
+* `"cosine"`: linear warm-up over `warmup_steps`, cosine decay to 0 at `train_steps`;
+* `"constant"`: `lr` throughout;
+* `"plateau"`: `lr` halved (`plateau_factor`) when the training loss, averaged over
+  `plateau_window` steps, has not improved for `plateau_patience` windows (the paper's
+  CIFAR schedule), never below `min_lr`. It reads each step's loss, so train steps call
+  `optimizer.update(grads, opt_state, params, value=loss)` whatever the schedule.
 
 ```python
-optimizer = adamw_cosine(
-    3e-4, warmup_steps=100, total_steps=5000, weight_decay=0.1, clip_norm=1.0
-)
-opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-print(f"{count_params(model):,} parameters")
+optimizer, lr_at = make_optimizer(config)
+state = TrainState.create(model, optimizer)
+print(f"{count_params(state.model):,} parameters, lr {lr_at(state.opt_state, 0)}")
 ```
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import optax
+from jaxtyping import Array, Int, PyTree
+from optax.contrib import reduce_on_plateau
+from optax.contrib._reduce_on_plateau import ReduceLROnPlateauState
 
 
-def warmup_cosine(
-    lr: float, *, warmup_steps: int, total_steps: int, final_lr_ratio: float = 0.0
-) -> optax.Schedule:
-    r"""Learning rate $0 \to$ `lr` linearly over `warmup_steps`, then cosine decay to
-    `final_lr_ratio * lr` at `total_steps` (and constant after)."""
-    if total_steps < 1:
-        raise ValueError(f"`total_steps` must be >= 1, got {total_steps}")
-    if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(
-            f"`warmup_steps` must be in [0, total_steps={total_steps}], got {warmup_steps}"
-        )
-    if not 0.0 <= final_lr_ratio <= 1.0:
-        raise ValueError(f"`final_lr_ratio` must be in [0, 1], got {final_lr_ratio}")
-    if warmup_steps == total_steps:
-        return optax.linear_schedule(0.0, lr, warmup_steps)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=lr,
-        warmup_steps=warmup_steps,
-        decay_steps=total_steps,  # optax counts the warm-up inside `decay_steps`
-        end_value=final_lr_ratio * lr,
-    )
+class TrainState(eqx.Module):
+    """What a train step updates and a checkpoint holds.
+
+    `model`, its `opt_state` (initialised on the model's floating-point arrays), `step`
+    (updates applied so far: an array, so it changes without recompiling and is replaced
+    together with the model) and `model_state` (BatchNorm statistics, else `None`).
+    """
+
+    model: PyTree
+    opt_state: PyTree
+    step: Int[Array, ""]
+    model_state: eqx.nn.State | None = None
+
+    @classmethod
+    def create(cls, model, optimizer, model_state=None) -> TrainState:
+        opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+        return cls(model, opt_state, jnp.asarray(0, jnp.int32), model_state)
 
 
-def _matrices(params: Any) -> Any:
+def warmup_cosine(lr: float, *, warmup_steps: int, train_steps: int) -> optax.Schedule:
+    """0 -> `lr` linearly over `warmup_steps`, then cosine decay to 0 at `train_steps`."""
+    if warmup_steps >= train_steps:
+        return optax.linear_schedule(0.0, lr, train_steps)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, train_steps)
+
+
+def _matrices(params: PyTree) -> PyTree:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def adamw_cosine(
-    lr: float,
-    *,
-    warmup_steps: int,
-    total_steps: int,
-    weight_decay: float,
-    clip_norm: float | None = None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    final_lr_ratio: float = 0.0,
-    decay_matrices_only: bool = True,
-) -> optax.GradientTransformation:
-    """AdamW with the `warmup_cosine` schedule and optional global-norm clipping.
-
-    **Arguments:**
-
-    - `lr`: peak learning rate, reached after `warmup_steps`.
-    - `warmup_steps`, `total_steps`: schedule length in optimiser steps.
-    - `weight_decay`: decoupled weight decay coefficient.
-    - `clip_norm`: clip gradients to this global norm first (`None`: no clipping).
-    - `b1`, `b2`: Adam moment decay rates.
-    - `final_lr_ratio`: learning rate at `total_steps`, as a fraction of `lr` (nanoGPT
-        uses 0.1).
-    - `decay_matrices_only`: apply weight decay only to arrays with ndim >= 2 (weights
-        and embeddings, not biases or norm scales), as nanoGPT does.
-
-    Initialise it on the array part of the model: `optimizer.init(eqx.filter(model,
-    eqx.is_inexact_array))`.
-    """
-    if clip_norm is not None and clip_norm <= 0:
-        raise ValueError(f"`clip_norm` must be positive or None, got {clip_norm}")
-    schedule = warmup_cosine(
-        lr,
-        warmup_steps=warmup_steps,
-        total_steps=total_steps,
-        final_lr_ratio=final_lr_ratio,
-    )
-    adamw = optax.adamw(
-        schedule,
-        b1=b1,
-        b2=b2,
-        weight_decay=weight_decay,
-        mask=_matrices if decay_matrices_only else None,
-    )
-    if clip_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+def make_optimizer(
+    config: Any,
+) -> tuple[optax.GradientTransformationExtraArgs, Callable[[PyTree, int], Array]]:
+    """`(optimizer, lr_at)`: the optimiser of `config` (fields `lr`, `weight_decay`,
+    `grad_clip`, `schedule`, `warmup_steps`, `train_steps`, and for `"plateau"` the
+    `plateau_*` and `min_lr` fields) and `lr_at(opt_state, step)`, the learning rate of
+    that step (for logging)."""
+    if config.schedule == "cosine":
+        schedule = warmup_cosine(
+            config.lr, warmup_steps=config.warmup_steps, train_steps=config.train_steps
+        )
+        lr_at = lambda opt_state, step: schedule(step)
+    else:
+        schedule = config.lr
+        lr_at = lambda opt_state, step: jnp.asarray(config.lr)
+    chain = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
+    chain.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=_matrices))
+    if config.schedule == "plateau":
+        chain.append(
+            reduce_on_plateau(
+                factor=config.plateau_factor,
+                patience=config.plateau_patience,
+                accumulation_size=config.plateau_window,
+                min_scale=config.min_lr / config.lr,
+            )
+        )
+        lr_at = lambda opt_state, step: config.lr * plateau_scale(opt_state)
+    return optax.chain(*chain), lr_at
 
 
-def count_params(model: Any) -> int:
+def plateau_scale(opt_state: PyTree) -> Array:
+    """The reduce-on-plateau learning-rate multiplier held in `opt_state`."""
+    is_plateau = lambda s: isinstance(s, ReduceLROnPlateauState)
+    (found,) = [s for s in jax.tree.leaves(opt_state, is_leaf=is_plateau) if is_plateau(s)]
+    return jnp.asarray(found.scale)
+
+
+def count_params(model: PyTree) -> int:
     """Number of scalars in the floating-point arrays of `model` (its parameters)."""
     return int(optax.tree.size(eqx.filter(model, eqx.is_inexact_array)))

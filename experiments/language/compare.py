@@ -6,7 +6,7 @@
 The small-scale analogue of the paper's Tables 1 and 2. Every variant starts from the `small`
 config (plus any `--key=value` config overrides given here) and gets the SAME wall-clock training
 budget (`--budget_s` seconds, compilation and evaluation excluded): its step time is measured
-first on real batches, and `total_steps` is set to `budget_s / step_time`, so that its cosine
+first on real batches, and `train_steps` is set to `budget_s / step_time`, so that its cosine
 schedule ends when the budget does. Variants:
 
     revdeq      Reversible(beta) + ReversibleAdjoint, 4 steps (paper: 8 NFE)
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common.config import config_to_dict, parse_config
+from experiments.common import config as cfg
 from experiments.common.metrics import read_metrics
 from experiments.common.plotting import plot_series
 
@@ -175,7 +175,7 @@ def run_variant(
     total = max(10, int(budget_s / profile["seconds_per_step"]))
     config = dataclasses.replace(
         config,
-        total_steps=total,
+        train_steps=total,
         warmup_steps=min(config.warmup_steps, total // 10),
         log_every=max(1, total // 50),
         eval_every=max(1, total // 4),
@@ -184,7 +184,7 @@ def run_variant(
     print(
         f"{profile['seconds_per_step']:.2f} s/step -> {total} steps in the {budget_s:.0f}s budget"
     )
-    results = train.train_and_evaluate(config, runs / name, final_test=False)
+    results = train.train(config, runs / name, name=name, overwrite=True, final_test=False)
     records = read_metrics(runs / name / "metrics.jsonl")
     seconds = training_seconds(records)
     val = sorted((r for r in records if r["split"] == "val"), key=lambda r: r["step"])
@@ -192,7 +192,7 @@ def run_variant(
     return {
         "name": name,
         "label": label,
-        "config": config_to_dict(config),
+        "config": cfg.to_dict(config),
         "params": results["params"],
         "steps": total,
         "nfe": results["val"].get(
@@ -260,9 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--runs", default="runs/compare")
     args, rest = parser.parse_known_args(argv)
-    try:
-        base, _ = parse_config(CONFIGS, rest, default="small")
-    except ValueError as e:
+    try:  # --key=value overrides of the base config (`small` unless --config=NAME)
+        base = cfg.from_args(rest, CONFIGS, default="small")
+    except cfg.ConfigError as e:
         sys.exit(f"error: {e}")
     out, runs = pathlib.Path(args.out), pathlib.Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,12 @@
 minutes on WikiText-2 (offline: validation file as training data), `paper` is the 94M-parameter
 setting of the RevDEQ paper (Table 1 / Appendix B.1) for WikiText-103 on an accelerator.
 
-Override any field on the command line: `--config=small --max_steps=6 --lr=1e-3`.
+Override any field on the command line: `--config=small --max_steps=6 --lr=1e-3`; the
+vision experiment names the same knobs the same way.
 """
 
 import dataclasses
+from typing import Literal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,8 +19,8 @@ class Config:
         None  # dir with wiki.{train,valid,test}.raw; None: $REVDEQ_WIKITEXT_DIR, else HF hub
     )
     hub_config: str = "wikitext-103-raw-v1"  # Salesforce/wikitext config, used when no data dir
-    splits: str = (
-        "standard"  # "standard" | "valid-as-train" (train on wiki.valid head, val = its tail)
+    splits: Literal["standard", "valid-as-train"] = (
+        "standard"  # valid-as-train: train on wiki.valid's head
     )
     holdout_fraction: float = 0.1  # valid-as-train: fraction of wiki.valid held out as val
     tokenizer_dir: str | None = (
@@ -26,35 +28,36 @@ class Config:
     )
     cache_dir: str | None = None  # token cache; None: $REVDEQ_CACHE_DIR or <repo>/.cache/wikitext
     # --- model ------------------------------------------------------------------------------
-    model: str = "deq"  # "deq" (one equilibrium layer) | "explicit" (num_layers distinct layers)
+    model: Literal["deq", "explicit"] = "deq"  # one equilibrium layer | num_layers distinct layers
     dim: int = 768  # embedding / hidden size
-    num_heads: int = 8  # attention heads
+    num_heads: int = 8  # attention heads (dim must be a multiple)
     mlp_ratio: int = 4  # MLP hidden size = mlp_ratio * dim
     seq_len: int = 512  # tokens per training sequence (and evaluation window)
     num_layers: int = 12  # explicit model only: number of distinct transformer layers
-    tie_embeddings: bool = False  # share token embedding and output head weights
     dropout: float = 0.1  # variational dropout in the equilibrium layer (one mask per pass)
-    param_dtype: str = "float32"  # parameters (and optimiser state)
-    compute_dtype: str = "float32"  # layer arithmetic: "float32" | "bfloat16"
-    # --- fixed-point solver (model="deq") --------------------------------------------------
-    solver: str = "reversible"  # "reversible" | "relaxed" | "picard" | "anderson" | "broyden"
-    adjoint: str = "reversible"  # "reversible" | "unrolled" | "checkpoint" | "implicit" | "phantom"
+    param_dtype: Literal["float32", "float64", "bfloat16"] = (
+        "float32"  # parameters, optimiser state
+    )
+    compute_dtype: Literal["float32", "float64", "bfloat16"] = "float32"  # layer arithmetic
+    # --- fixed-point solver (model="deq"), the same fields as the vision experiment ---------
+    solver: Literal["reversible", "relaxed", "picard", "anderson", "broyden"] = "reversible"
+    adjoint: Literal["reversible", "unrolled", "checkpoint", "implicit", "phantom"] = "reversible"
     beta: float = 0.5  # relaxation of the reversible / relaxed solvers
     max_steps: int = 4  # solver steps (reversible: NFE = 2 * max_steps)
     tol: float = 1e-3  # stop when ||f(z) - z|| / ||f(z)|| < tol
-    state_dtype: str | None = (
-        None  # reversible state: None (as layer) | "float64" | "float32x2" | "exact"
-    )
+    # reversible state: "auto" (bit-exact integer state for float32), None (as the layer), ...
+    state_dtype: Literal["auto", "exact", "float32x2", "float32", "float64"] | None = "auto"
     anderson_m: int = 5  # Anderson history size
     implicit_tol: float = 1e-6  # implicit adjoint: tolerance of the backward linear solve
     implicit_max_steps: int = 30  # implicit adjoint: steps of the backward linear solve
     # --- optimisation ----------------------------------------------------------------------
     batch_size: int = 32
     lr: float = 3e-4  # peak learning rate (AdamW)
-    weight_decay: float = 0.1
-    warmup_steps: int = 2000  # linear warm-up, then cosine decay to 0 at total_steps
-    total_steps: int = 200_000
-    clip_norm: float | None = 1.0  # global gradient-norm clipping (None: off)
+    weight_decay: float = 0.1  # decoupled, on matrices only
+    schedule: Literal["cosine", "constant"] = "cosine"  # cosine: warm-up, then decay to 0
+    warmup_steps: int = 2000  # linear warm-up steps
+    train_steps: int = 200_000  # optimiser steps
+    grad_clip: float = 1.0  # global gradient-norm clipping (0: off)
     # --- loop -------------------------------------------------------------------------------
     log_every: int = 100
     eval_every: int = 2000
@@ -64,7 +67,7 @@ class Config:
     test_tokens: int | None = None  # final test on the first test_tokens tokens of test (None: all)
     seed: int = 0
     # --- devices ----------------------------------------------------------------------------
-    sharding: str = "data"  # "data": state replicated | "fsdp": large state arrays split too
+    sharding: Literal["data", "fsdp"] = "data"  # data: state replicated | fsdp: large arrays split
 
 
 CONFIGS = {
@@ -80,7 +83,7 @@ CONFIGS = {
         batch_size=4,
         lr=3e-3,
         warmup_steps=2,
-        total_steps=10,
+        train_steps=10,
         log_every=2,
         eval_every=5,
         checkpoint_every=5,
@@ -101,7 +104,7 @@ CONFIGS = {
         lr=2e-3,
         weight_decay=0.1,
         warmup_steps=50,
-        total_steps=500,  # ~512K tokens, ~2.3 epochs of the 225K training tokens
+        train_steps=500,  # ~512K tokens, ~2.3 epochs of the 225K training tokens
         log_every=10,
         eval_every=100,
         checkpoint_every=100,
@@ -128,7 +131,7 @@ CONFIGS = {
         lr=3e-4,
         weight_decay=0.1,  # ours
         warmup_steps=2000,  # ours
-        total_steps=200_000,  # ours (~32 epochs of WikiText-103 at 16K tokens/step)
+        train_steps=200_000,  # ours (~32 epochs of WikiText-103 at 16K tokens/step)
         log_every=100,
         eval_every=2000,
         checkpoint_every=2000,

@@ -99,8 +99,10 @@ def default_tokenizer_dir() -> Path | None:
     env = os.environ.get("REVDEQ_TOKENIZER_DIR")
     if env:
         return Path(env)
-    shared = _REPO_ROOT.parent / "shared" / "data" / "gpt2"
-    return shared if shared.is_dir() else None
+    for folder in _REPO_ROOT.parents:  # ../shared/data/gpt2, also from a nested worktree
+        if (folder / "shared" / "data" / "gpt2").is_dir():
+            return folder / "shared" / "data" / "gpt2"
+    return None
 
 
 def _sha256(path: Path) -> str:

@@ -23,12 +23,8 @@ import sys
 
 import equinox as eqx
 
-from experiments.common.checkpoint import (
-    CheckpointManager,
-    load_checkpoint,
-    read_header,
-)
-from experiments.common.config import config_from_dict
+from experiments.common import config as cfg
+from experiments.common.checkpoint import CheckpointError, load_checkpoint, read_header
 from experiments.common.optim import count_params
 
 from . import data, train
@@ -47,7 +43,7 @@ def evaluate_checkpoint(
     `overrides` replace fields of the stored config that leave the parameters unchanged
     (data location, `max_steps`, `tol`, `eval_batch_size`).
     """
-    config = config_from_dict(Config, read_header(path)["config"])
+    config = cfg.from_dict(Config, read_header(path)["config"])
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     skeleton = eqx.filter_eval_shape(train.init_state, config)
     state, header = load_checkpoint(path, like=skeleton)
@@ -60,7 +56,7 @@ def evaluate_checkpoint(
         cache_dir=config.cache_dir,
     )
     tokens = {"val": splits.val, "test": splits.test}[split]
-    results = train.make_evaluator(config, tokens, max_tokens=max_tokens)(state.model)
+    results = train.evaluate(state.model, tokens, config, max_tokens)
     return {
         "checkpoint": str(path),
         "step": header.get("step"),
@@ -89,13 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     workdir = pathlib.Path(args.workdir)
-    manager = CheckpointManager(workdir)
-    path = {"best": manager.best_path(), "latest": manager.latest_path()}.get(
+    path = {"best": workdir / "best.eqx", "latest": workdir / "latest.eqx"}.get(
         args.checkpoint, pathlib.Path(args.checkpoint)
     )
-    if args.checkpoint == "best" and path is None:
-        path = manager.latest_path()
-    if path is None or not path.is_file():
+    if args.checkpoint == "best" and not path.is_file():
+        path = workdir / "latest.eqx"
+    if not path.is_file():
         sys.exit(f"error: no checkpoint {args.checkpoint!r} in {workdir} (train first)")
     try:
         results = evaluate_checkpoint(
@@ -109,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             tol=args.tol,
             eval_batch_size=args.eval_batch_size,
         )
-    except data.DataError as e:
+    except (data.DataError, CheckpointError, cfg.ConfigError) as e:
         sys.exit(f"error: {e}")
     out = workdir / f"eval-{path.stem}-{args.split}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")

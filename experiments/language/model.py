@@ -25,62 +25,11 @@ import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import revdeq_jax as rdeq
+from experiments.common.solvers import DTYPES, make_adjoint, make_solver
 from revdeq_jax.nn import EquilibriumTransformerLayer, VariationalDropout
 
 from .configs import Config
 from .data import PADDED_VOCAB_SIZE
-
-
-DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
-
-
-def _dtype(name: str | None):
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")
-    return DTYPES[name]
-
-
-STATE_KINDS = ("float32x2", "exact")  # two-float, bit-exact fixed point: passed through
-
-
-def _state_dtype(name: str | None):
-    return name if name in STATE_KINDS else _dtype(name)
-
-
-# ---------------------------------------------------------------------------------------------
-# Solver and adjoint from config strings (strings stop here: the library takes objects)
-
-
-def make_solver(config: Config):
-    choices = {
-        "reversible": lambda: rdeq.Reversible(
-            beta=config.beta, state_dtype=_state_dtype(config.state_dtype)
-        ),
-        "relaxed": lambda: rdeq.Relaxed(beta=config.beta),
-        "picard": lambda: rdeq.Picard(),
-        "anderson": lambda: rdeq.Anderson(m=config.anderson_m),
-        "broyden": lambda: rdeq.Broyden(),
-    }
-    if config.solver not in choices:
-        raise ValueError(f"unknown solver {config.solver!r}; choose from {sorted(choices)}")
-    return choices[config.solver]()
-
-
-def make_adjoint(config: Config):
-    choices = {
-        "reversible": lambda: rdeq.ReversibleAdjoint(),
-        "unrolled": lambda: rdeq.UnrolledAdjoint(),
-        "checkpoint": lambda: rdeq.CheckpointAdjoint(),
-        "implicit": lambda: rdeq.ImplicitAdjoint(
-            tol=config.implicit_tol, max_steps=config.implicit_max_steps
-        ),
-        "phantom": lambda: rdeq.PhantomAdjoint(),
-    }
-    if config.adjoint not in choices:
-        raise ValueError(f"unknown adjoint {config.adjoint!r}; choose from {sorted(choices)}")
-    return choices[config.adjoint]()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +85,7 @@ class DEQTransformerLM(eqx.Module):
     dim: int = eqx.field(static=True)
 
     def __init__(self, config: Config, *, key: PRNGKeyArray):
-        dtype, compute = _dtype(config.param_dtype), _dtype(config.compute_dtype)
+        dtype, compute = DTYPES[config.param_dtype], DTYPES[config.compute_dtype]
         k1, k2, k3 = jax.random.split(key, 3)
         self.embed = Embedding(PADDED_VOCAB_SIZE, config.seq_len, config.dim, key=k1, dtype=dtype)
         layer = EquilibriumTransformerLayer(
@@ -194,7 +143,7 @@ class ExplicitTransformerLM(eqx.Module):
     dim: int = eqx.field(static=True)
 
     def __init__(self, config: Config, *, key: PRNGKeyArray):
-        dtype, compute = _dtype(config.param_dtype), _dtype(config.compute_dtype)
+        dtype, compute = DTYPES[config.param_dtype], DTYPES[config.compute_dtype]
         k1, k2, k3 = jax.random.split(key, 3)
         self.embed = Embedding(PADDED_VOCAB_SIZE, config.seq_len, config.dim, key=k1, dtype=dtype)
         self.layers = tuple(

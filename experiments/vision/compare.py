@@ -3,7 +3,7 @@ Neural ODE on CIFAR-10, at a matched training budget.
 
     python -m experiments.vision.compare                              # CPU-sized, all models
     python -m experiments.vision.compare --train-steps=200 --models=revdeq-multiscale,resnet18
-    python -m experiments.vision.compare --base=paper-170k --train-steps=0   # full paper budget
+    python -m experiments.vision.compare --base=paper-170k                   # full paper budget
 
 Every model is trained by `experiments.vision.train` with the same data, batch size, optimiser,
 schedule and number of steps (the `--base` config, `small` by default) in
@@ -15,7 +15,7 @@ Columns: parameters; NFE (mean forward evaluations of the equilibrium functions 
 excluded; this machine's, under whatever else runs on it); peak memory of one compiled train step
 (XLA `memory_analysis()` of the jitted step at the run's batch size: arguments + outputs +
 temporaries, minus aliased buffers; a compile-time figure, not a measured high-water mark); test
-accuracy after the last step.
+accuracy of the checkpoint with the best validation accuracy (held-out training images).
 """
 
 from __future__ import annotations
@@ -31,19 +31,14 @@ from typing import Any
 import jax
 import jax.random as jr
 
-from experiments.common.config import parse_config
+from experiments.common import config as cfg
 from experiments.common.metrics import read_metrics
 from experiments.common.plotting import plot_series
+from experiments.common.run import Run
 
 from . import data as vdata
 from .configs import Config, CONFIGS
-from .train import (
-    init_state,
-    load_data,
-    make_train_step,
-    total_steps,
-    train_and_evaluate,
-)
+from .train import init_state, make_train_step, train
 
 
 # name -> (label, overrides on the base config). Sizes chosen for ~170-210K parameters where the
@@ -61,7 +56,7 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
             "model": "single-scale",
             "channels": (16,),
             "width": (2,),
-            "solver_steps": (2,),
+            "max_steps": (2,),
         },
     ),
     "resnet18": (
@@ -80,27 +75,24 @@ RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 class CompareConfig:
     base: str = "small"  # training setup shared by all models (a name in configs.CONFIGS)
     models: tuple[str, ...] = tuple(MODELS)  # which entries of MODELS to run
-    train_steps: int = -1  # -1: the base config's; 0: use its epochs
-    data_dir: str = ""
-    workdir: str = "runs/vision/compare"
+    train_steps: int = 0  # 0: the base config's
+    data_dir: str | None = None
+    workdir: str = "runs/cifar-compare"
     out: str = str(RESULTS_DIR)  # where compare.md/.json/.png go
 
 
 def model_config(base: Config, name: str, train_steps: int) -> Config:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}.")
-    changes = dict(MODELS[name][1], resume=True)
-    if train_steps >= 0:
+    changes = dict(MODELS[name][1])
+    if train_steps > 0:
         changes["train_steps"] = train_steps
     return dataclasses.replace(base, **changes)
 
 
 def compiled_memory(config: Config, dataset: vdata.CIFAR10) -> int | None:
     """Bytes XLA reserves for one train step: arguments + outputs + temporaries - aliases."""
-    state, optimizer, lr_fn = init_state(
-        config, total_steps(config, len(dataset.x_train)), jr.key(0)
-    )
-    step = make_train_step(config, optimizer, lr_fn)
+    state, step = init_state(config), make_train_step(config)
     batch = vdata.Batches(dataset.x_train, dataset.y_train, config.batch_size, 0).get(0)
     try:
         # Equinox's `Compiled` wraps JAX's as `.compiled`.
@@ -125,18 +117,17 @@ def summarise(name: str, config: Config, workdir: pathlib.Path, memory: int | No
     if not val:
         raise RuntimeError(f"{workdir} has no evaluation records; did the run finish?")
     rates = [r["images_per_s"] for r in train if "images_per_s" in r]
-    header = json.loads((workdir / "config.json").read_text())
-    last = val[-1]
+    results = json.loads((workdir / "results.json").read_text())
     return {
         "name": name,
         "label": MODELS[name][0],
-        "params": header["params"],
-        "nfe": last.get("nfe"),
+        "params": results["params"],
+        "nfe": results["test"].get("nfe"),
         "images_per_s": statistics.median(rates) if rates else None,
         "train_step_memory_mb": None if memory is None else memory / 2**20,
-        "test_acc": last["acc"],
-        "test_loss": last["loss"],
-        "steps": last["step"],
+        "test_acc": results["test"]["acc"],
+        "test_loss": results["test"]["loss"],
+        "steps": val[-1]["step"],
         "curve": [(r["step"], r["acc"]) for r in val],
         "train_loss": [(r["step"], r["loss"]) for r in train],
     }
@@ -146,14 +137,16 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def write_report(rows: list[dict], cfg: CompareConfig, base: Config, n_test: int) -> pathlib.Path:
-    out = pathlib.Path(cfg.out)
+def write_report(
+    rows: list[dict], options: CompareConfig, base: Config, n_test: int
+) -> pathlib.Path:
+    out = pathlib.Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = rows[0]["steps"] if rows else 0
     lines = [
         "# CIFAR-10: RevDEQ vs baselines at a matched training budget",
         "",
-        f"Base config `{cfg.base}`: {steps} steps of batch {base.batch_size} "
+        f"Base config `{options.base}`: {steps} steps of batch {base.batch_size} "
         f"({steps * base.batch_size:,} images), schedule {base.schedule}, lr {base.lr}, "
         f"augmentation {'on' if base.augment else 'off'}; test accuracy on {n_test} test images. "
         f"Device: {jax.devices()[0].device_kind} ({jax.default_backend()}).",
@@ -186,29 +179,31 @@ def write_report(rows: list[dict], cfg: CompareConfig, base: Config, n_test: int
         out / "compare_curves.png",
         xlabel="step",
         ylabel="test accuracy",
-        title=f"CIFAR-10 test accuracy ({cfg.base} budget)",
+        title=f"CIFAR-10 test accuracy ({options.base} budget)",
     )
     return md
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, _ = parse_config({"default": CompareConfig()}, argv, default="default")
-    if cfg.base not in CONFIGS:
-        raise ValueError(f"unknown --base={cfg.base!r}; choose from {sorted(CONFIGS)}.")
-    base = dataclasses.replace(
-        CONFIGS[cfg.base], data_dir=cfg.data_dir or CONFIGS[cfg.base].data_dir
-    )
-    dataset = load_data(base)
+    try:
+        options = cfg.from_args(argv, {"default": CompareConfig()}, default="default")
+    except cfg.ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    if options.base not in CONFIGS:
+        raise SystemExit(f"error: --base={options.base}: unknown; choose from {', '.join(CONFIGS)}")
+    base = dataclasses.replace(CONFIGS[options.base], data_dir=options.data_dir)
+    dataset = vdata.load_cifar10(base.data_dir, download=base.download)
     rows = []
-    for name in cfg.models:
-        config = model_config(base, name, cfg.train_steps)
-        workdir = pathlib.Path(cfg.workdir) / name
+    for name in options.models:
+        config = model_config(base, name, options.train_steps)
+        workdir = pathlib.Path(options.workdir) / name
         print(f"=== {name}: {MODELS[name][0]} -> {workdir}", flush=True)
-        train_and_evaluate(config, workdir, name=name, dataset=dataset)
+        resume = Run(workdir).saved_config() is not None  # a finished run is reused
+        train(config, workdir, name=name, resume=resume, dataset=dataset)
         memory = compiled_memory(config, dataset)
         rows.append(summarise(name, config, workdir, memory))
-    md = write_report(rows, cfg, base, len(dataset.x_test))
+    md = write_report(rows, options, base, min(len(dataset.x_test), base.test_size or 10**9))
     print(md.read_text())
     return rows
 

@@ -9,9 +9,10 @@ Three on-disk forms are read, all into the same `CIFAR10` container (uint8 HWC i
 
 Where the data is looked for (`load_cifar10`): `--data-dir` (config `data_dir`), else the
 environment variable `REVDEQ_CIFAR_DIR`, else the shared sample next to the repository, else a
-previous download in `~/.cache/revdeq_jax/cifar10`; if nothing is found and `download=True`,
-the official archive is downloaded there and its md5 checked. Anything missing or unreadable
-raises `CIFAR10DataError`, whose message names the file and how to get it.
+previous download in `~/.cache/revdeq_jax/cifar10`; if none of these exists and
+`download=True`, the official archive is downloaded there and its md5 checked. A folder given
+with `--data-dir` is only read, never downloaded into. Anything missing or unreadable raises
+`CIFAR10DataError`, whose message names the file and how to get it.
 
 The official batches are Python pickles. They are read with a restricted unpickler that only
 accepts the numpy reconstruction helpers the official files use, so a tampered file cannot run
@@ -95,6 +96,10 @@ class CIFAR10:
     x_test: np.ndarray
     y_test: np.ndarray
     source: str
+
+    def test(self) -> tuple[np.ndarray, np.ndarray]:
+        """`(x_test, y_test)`."""
+        return self.x_test, self.y_test
 
     def take(self, train: int | None = None, test: int | None = None) -> "CIFAR10":
         """The first `train`/`test` examples (None: all)."""
@@ -300,8 +305,12 @@ def download_cifar10(
 
 
 def default_sample_dir() -> Path:
-    """`../shared/data/cifar10-sample` relative to the repository root."""
+    """`shared/data/cifar10-sample` in the nearest folder above the repository holding one
+    (`../shared/data/cifar10-sample` for a checkout beside `shared/`)."""
     repo_root = Path(__file__).resolve().parents[2]
+    for folder in repo_root.parents:
+        if (folder / "shared" / "data" / "cifar10-sample").is_dir():
+            return folder / "shared" / "data" / "cifar10-sample"
     return repo_root.parent / "shared" / "data" / "cifar10-sample"
 
 
@@ -328,18 +337,17 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = 
     - `data_dir`: a folder holding `cifar-10-python.tar.gz`, `cifar-10-batches-py/`, the batch
       files themselves or the npz sample; or the archive's path. Empty/None: use `$REVDEQ_CIFAR_DIR`,
       then the shared sample, then the download cache.
-    - `download`: download the official archive when nothing is found.
+    - `download`: download the official archive into the cache when no folder is given
+      and nothing is found (a folder that is given is never downloaded into).
     """
     explicit = data_dir or os.environ.get(ENV_VAR) or None
-    if explicit:
+    if explicit:  # a folder the user named: read it or say what is wrong; never download
         path = Path(explicit).expanduser()
-        if not path.exists() and not download:
+        if not path.exists():
             raise CIFAR10DataError(f"CIFAR-10 data folder not found: {path}. " + _HOW_TO_GET)
-        data = _read_dir(path) if path.exists() else None
+        data = _read_dir(path)
         if data is not None:
             return data
-        if download:
-            return read_archive(download_cifar10(path))
         raise CIFAR10DataError(
             f"no CIFAR-10 data in {path}: looked for {ARCHIVE_NAME}, {BATCHES_DIR}/, "
             f"data_batch_1..5 + test_batch, and {SAMPLE_TRAIN} + {SAMPLE_TEST}. " + _HOW_TO_GET

@@ -1,8 +1,8 @@
 """Evaluate a trained CIFAR-10 run on the test split.
 
-    python -m experiments.vision.evaluate --workdir=runs/vision/small
-    python -m experiments.vision.evaluate --workdir=runs/vision/small --checkpoint=best --test-size=0
-    python -m experiments.vision.evaluate --workdir=runs/vision/small --max-steps=8   # more solver steps
+    python -m experiments.vision.evaluate --workdir=runs/cifar-small
+    python -m experiments.vision.evaluate --workdir=runs/cifar-small --checkpoint=best --test-size=0
+    python -m experiments.vision.evaluate --workdir=runs/cifar-small --max-steps=8   # more solver steps
 
 Rebuilds the model from the checkpoint's header (its config), loads the weights and BatchNorm
 statistics, and reports test loss, accuracy and mean NFE with BatchNorm in inference mode.
@@ -16,30 +16,26 @@ import json
 import pathlib
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
-import jax.random as jr
 
 import revdeq_jax as rdeq
-from experiments.common.checkpoint import (
-    CheckpointManager,
-    load_checkpoint,
-    read_header,
-)
-from experiments.common.config import config_from_dict, parse_config
+from experiments.common import config as cfg
+from experiments.common.checkpoint import load_checkpoint, read_header
+from experiments.common.optim import count_params
 
 from . import data as vdata
 from .configs import Config
-from .train import evaluate_model, init_state
+from .train import evaluate, init_state
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     workdir: str = ""  # run folder written by experiments.vision.train (required)
-    checkpoint: str = "latest"  # latest or best
-    data_dir: str = ""  # "" = the run's own data source
+    checkpoint: Literal["latest", "best"] = "best"  # best: highest validation accuracy
+    data_dir: str | None = None  # None = the run's own data source
     test_size: int = -1  # -1 = as in the run's config; 0 = the whole test split
     max_steps: int = 0  # > 0: override every DEQ block's solver step budget
     batch_size: int = 0  # 0 = the run's eval_batch_size
@@ -47,17 +43,14 @@ class EvalConfig:
 
 def load_run(workdir: str | pathlib.Path, checkpoint: str = "latest") -> tuple[Config, Any, dict]:
     """`(config, state, header)` of a run's `latest.eqx`/`best.eqx`."""
-    manager = CheckpointManager(workdir)
-    path = {"latest": manager.latest_path, "best": manager.best_path}[checkpoint]()
-    if path is None:
+    path = pathlib.Path(workdir) / f"{checkpoint}.eqx"
+    if not path.is_file():
         raise FileNotFoundError(
             f"no {checkpoint}.eqx in {workdir}: train first with "
             f"`python -m experiments.vision.train --workdir={workdir}`."
         )
-    header = read_header(path)
-    config = config_from_dict(Config, header["config"])
-    # Only the structure matters for the skeleton; its step count fixes the optimiser layout.
-    skeleton, _, _ = init_state(config, max(1, int(header.get("step", 1))), jr.key(0))
+    config = cfg.from_dict(Config, read_header(path)["config"])
+    skeleton = eqx.filter_eval_shape(init_state, config)
     state, header = load_checkpoint(path, skeleton)
     return config, state, header
 
@@ -78,21 +71,20 @@ def _with_max_steps(model: Any, max_steps: int) -> Any:
 def evaluate_workdir(
     workdir: str | pathlib.Path,
     *,
-    checkpoint: str = "latest",
+    checkpoint: str = "best",
     dataset: vdata.CIFAR10 | None = None,
-    data_dir: str = "",
+    data_dir: str | None = None,
     test_size: int = -1,
     max_steps: int = 0,
     batch_size: int = 0,
 ) -> dict[str, Any]:
     config, state, header = load_run(workdir, checkpoint)
     if dataset is None:
-        source = data_dir or header.get("data") or config.data_dir
-        dataset = vdata.load_cifar10(source or None, download=config.download)
+        dataset = vdata.load_cifar10(data_dir or config.data_dir, download=config.download)
     n_test = config.test_size if test_size < 0 else test_size
     dataset = dataset.take(None, n_test or None)
     model = state.model if max_steps <= 0 else _with_max_steps(state.model, max_steps)
-    result = evaluate_model(
+    result = evaluate(
         model,
         state.model_state,
         dataset.x_test,
@@ -103,7 +95,7 @@ def evaluate_workdir(
         step=int(header.get("step", 0)),
         checkpoint=checkpoint,
         test_images=len(dataset.x_test),
-        params=header.get("params"),
+        params=count_params(model),
         max_steps=max_steps or None,
     )
     return result
@@ -111,21 +103,29 @@ def evaluate_workdir(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, _ = parse_config({"default": EvalConfig()}, argv, default="default")
-    if not cfg.workdir:
+    pairs = {}
+    for arg in argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        pairs[key.replace("-", "_")] = value
+    try:
+        args, _ = cfg.apply_overrides(EvalConfig(), pairs)
+        cfg.validate(args)
+    except cfg.ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not args.workdir:
         raise SystemExit("--workdir=RUN_FOLDER is required (a folder written by the train script)")
     result = evaluate_workdir(
-        cfg.workdir,
-        checkpoint=cfg.checkpoint,
-        data_dir=cfg.data_dir,
-        test_size=cfg.test_size,
-        max_steps=cfg.max_steps,
-        batch_size=cfg.batch_size,
+        args.workdir,
+        checkpoint=args.checkpoint,
+        data_dir=args.data_dir,
+        test_size=args.test_size,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
     )
-    out = pathlib.Path(cfg.workdir) / f"eval_{cfg.checkpoint}.json"
+    out = pathlib.Path(args.workdir) / f"eval_{args.checkpoint}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"{cfg.workdir} ({cfg.checkpoint}, step {result['step']}): test acc "
+        f"{args.workdir} ({args.checkpoint}, step {result['step']}): test acc "
         f"{100 * result['acc']:.2f}% on {result['test_images']} images, loss {result['loss']:.4f}"
         + (f", NFE {result['nfe']:.1f}" if "nfe" in result else "")
         + f"  -> {out}"

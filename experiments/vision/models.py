@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-import revdeq_jax as rdeq
+from experiments.common.solvers import make_adjoint, make_solver
 from revdeq_jax.nn import ImplicitResNet, SingleScaleDEQ
 
 
@@ -243,72 +243,17 @@ class NeuralODEClassifier(eqx.Module):
 # ----------------------------------------------------------------------------------------
 
 
-def make_solver(
-    name: str, *, beta: float, mixed_precision: bool = False, state_dtype: str | None = None
-) -> Any:
-    """Config string -> `revdeq_jax` solver. `state_dtype` ("float64", "float32x2",
-    "exact") overrides `mixed_precision` (a float64 state)."""
-    if name == "reversible":
-        if state_dtype is None:
-            state = jnp.float64 if mixed_precision else None
-        else:
-            state = jnp.float64 if state_dtype == "float64" else state_dtype
-        return rdeq.Reversible(beta=beta, state_dtype=state)
-    if name == "relaxed":
-        return rdeq.Relaxed(beta=beta)
-    if name == "picard":
-        return rdeq.Picard()
-    if name == "anderson":
-        return rdeq.Anderson(m=5, beta=1.0)
-    if name == "broyden":
-        return rdeq.Broyden()
-    raise ValueError(
-        f"unknown `solver`={name!r}; choose from reversible, relaxed, picard, anderson, broyden."
-    )
-
-
-def make_adjoint(name: str, *, implicit_tol: float = 1e-4, implicit_steps: int = 20) -> Any:
-    """Config string -> `revdeq_jax` adjoint (gradient strategy)."""
-    if name == "reversible":
-        return rdeq.ReversibleAdjoint()
-    if name == "unrolled":
-        return rdeq.UnrolledAdjoint()
-    if name == "checkpoint":
-        return rdeq.CheckpointAdjoint()
-    if name == "implicit":
-        return rdeq.ImplicitAdjoint(tol=implicit_tol, max_steps=implicit_steps)
-    if name == "phantom":
-        return rdeq.PhantomAdjoint()
-    raise ValueError(
-        f"unknown `adjoint`={name!r}; choose from reversible, unrolled, checkpoint, implicit, "
-        "phantom."
-    )
-
-
 def build_model(config: Config, key: PRNGKeyArray, *, adjoint: Any = None) -> tuple[Any, Any]:
     """`(model, state)` for `config` (state: `eqx.nn.State`). `adjoint` overrides the
     config's gradient strategy (used by the gradient-exactness test)."""
     if config.model in ("implicit-resnet", "single-scale"):
-        solver = make_solver(
-            config.solver,
-            beta=config.beta,
-            mixed_precision=config.mixed_precision,
-            state_dtype=config.state_dtype,
-        )
-        adjoint = (
-            make_adjoint(
-                config.adjoint,
-                implicit_tol=config.implicit_tol,
-                implicit_steps=config.implicit_steps,
-            )
-            if adjoint is None
-            else adjoint
-        )
+        solver = make_solver(config)
+        adjoint = make_adjoint(config) if adjoint is None else adjoint
         if config.model == "implicit-resnet":
             return eqx.nn.make_with_state(ImplicitResNet)(
                 config.channels,
                 config.width,
-                config.solver_steps,
+                config.max_steps,
                 solver=solver,
                 adjoint=adjoint,
                 tol=config.tol,
@@ -318,7 +263,7 @@ def build_model(config: Config, key: PRNGKeyArray, *, adjoint: Any = None) -> tu
         return eqx.nn.make_with_state(SingleScaleDEQ)(
             config.channels[0],
             config.width[0],
-            config.solver_steps[0],
+            config.max_steps[0],
             solver=solver,
             adjoint=adjoint,
             tol=config.tol,

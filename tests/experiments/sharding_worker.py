@@ -7,8 +7,8 @@ For one experiment's `tiny` config (batch 8): one train step on one device witho
 then, for each sharding mode, one step of the same state, batch and key on the 4-device mesh
 (through `DataParallel`, as the training scripts do), and two more steps to count
 recompilations. `errors` instead checks the start-up errors, and
-`multihost PROCESS_ID PORT TMP` (2 devices per process, two processes) runs `train_loop`
-across two JAX processes. Prints one JSON line.
+`multihost PROCESS_ID PORT TMP` (2 devices per process, two processes) runs a checkpointed
+training loop across two JAX processes with a checkpointed loop. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -72,8 +72,7 @@ def _vision():
 
     def build(mode: str):
         config_ = dataclasses.replace(config, sharding=mode)
-        state, optimizer, lr_fn = train.init_state(config_, 10, jr.key(0))
-        return state, train.make_train_step(config_, optimizer, lr_fn)
+        return train.init_state(config_), train.make_train_step(config_)
 
     rng = np.random.default_rng(0)
     batch = {
@@ -231,8 +230,8 @@ def run_errors(tmp: str) -> dict:
     return {
         "devices": jax.device_count(),
         "helper": message(lambda: DataParallel(6)),
-        "language": message(lambda: ltrain.train_and_evaluate(lconfig, f"{tmp}/lm")),
-        "vision": message(lambda: vtrain.train_and_evaluate(vconfig, f"{tmp}/cifar")),
+        "language": message(lambda: ltrain.train(lconfig, f"{tmp}/lm")),
+        "vision": message(lambda: vtrain.train(vconfig, f"{tmp}/cifar")),
         "place_batch": message(lambda: parallel.place_batch(np.zeros((6, 3), np.float32))),
         "int64": message(lambda: parallel.place_batch(np.zeros((8, 3), np.int64))),
         "mode": message(lambda: DataParallel(8, "zero3")),
@@ -240,11 +239,13 @@ def run_errors(tmp: str) -> dict:
 
 
 def run_multihost(tmp: str) -> dict:
-    """One of two processes (2 CPU devices each): `train_loop` on a small linear model with
-    `DataParallel` over all 4 devices, in both modes, against the same loop on one device."""
+    """One of two processes (2 CPU devices each): a checkpointed training loop on a small
+    linear model with `DataParallel` over all 4 devices, in both modes, against the same
+    loop on one device."""
 
     from experiments.common.checkpoint import load_checkpoint
-    from experiments.common.loop import LoopSpec, train_loop, TrainState
+    from experiments.common.optim import TrainState
+    from experiments.common.run import Run
 
     optimizer = optax.adam(1e-2)
 
@@ -257,7 +258,9 @@ def run_multihost(tmp: str) -> dict:
             return jnp.mean((jax.vmap(model)(x) - y) ** 2)
 
         loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model)
-        return state.apply_gradients(grads, optimizer), {"loss": loss}
+        updates, opt_state = optimizer.update(grads, state.opt_state)
+        model = eqx.apply_updates(state.model, updates)
+        return TrainState(model, opt_state, state.step + 1), {"loss": loss}
 
     def global_batch(s: int):  # the same on every host, from (seed, step)
         x = np.random.default_rng(s).normal(size=(BATCH, 64)).astype(np.float32)
@@ -267,19 +270,14 @@ def run_multihost(tmp: str) -> dict:
         return TrainState.create(eqx.nn.Linear(64, 32, key=jr.key(0)), optimizer)
 
     def run(workdir, get_batch, state, train_step):
-        spec = LoopSpec(4, log_every=1, eval_every=100, checkpoint_every=2, workdir=workdir, seed=0)
-        return train_loop(
-            spec=spec,
-            state=state,
-            train_step=train_step,
-            get_batch=get_batch,
-            evaluate=None,
-            header={},
-            resume=False,
-            unit_name="examples",
-            units_per_step=BATCH,
-            progress=False,
-        )
+        run = Run(workdir)
+        run.begin({"config": {}}, step=0)
+        for step in range(4):
+            state, metrics = train_step(state, get_batch(step), jr.fold_in(jr.key(0), step))
+            run.log(step + 1, "train", loss=float(metrics["loss"]))
+            if (step + 1) % 2 == 0:
+                run.save(state)
+        return state
 
     pid = jax.process_index()
     out: dict[str, Any] = {"process": pid, "processes": jax.process_count()}

@@ -1,4 +1,4 @@
-"""Tests for `experiments.common`: config, checkpoints, metrics, loop, sharding."""
+"""Tests for `experiments.common`: config, checkpoints, run directories, metrics, sharding."""
 
 from __future__ import annotations
 
@@ -19,29 +19,19 @@ import numpy as np
 import optax
 import pytest
 
-from experiments.common import (
-    adamw_cosine,
-    CheckpointManager,
-    config_from_dict,
-    config_to_dict,
-    count_params,
+from experiments.common import config as cfg
+from experiments.common.checkpoint import (
+    DamagedCheckpoint,
     load_checkpoint,
-    LoopSpec,
-    make_mesh,
-    MetricsLogger,
-    NonFiniteLossError,
-    parse_config,
-    plot_metrics,
-    plot_series,
+    MismatchedCheckpoint,
     read_header,
-    read_metrics,
-    replicate,
     save_checkpoint,
-    shard_batch,
-    train_loop,
-    TrainState,
-    warmup_cosine,
 )
+from experiments.common.metrics import MetricsLogger, read_metrics
+from experiments.common.optim import count_params, make_optimizer, TrainState, warmup_cosine
+from experiments.common.plotting import plot_metrics, plot_series
+from experiments.common.run import NonFiniteError, Run, RunError
+from experiments.common.sharding import make_mesh, replicate, shard_batch
 
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -69,72 +59,65 @@ def _leaves_equal(a, b) -> bool:
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
     lr: float = 3e-4
-    steps: int = 100
+    train_steps: int = 100
+    warmup_steps: int = 0
     name: str = "run"
-    resume: bool = False
-    widths: tuple[int, ...] = (8, 16)
-    pair: tuple[int, float] = (1, 0.5)
+    augment: bool = False
+    width: tuple[int, ...] = (8, 16)
     dropout: float | None = None
     solver: Literal["reversible", "anderson"] = "reversible"
-    workdir: pathlib.Path = pathlib.Path("runs/x")
+    adjoint: Literal["reversible", "implicit"] = "reversible"
+    data_dir: str | None = None
+    dim: int = 16
+    num_heads: int = 4
 
 
-_REGISTRY = {"tiny": _Cfg(steps=10), "small": _Cfg()}
+_REGISTRY = {"tiny": _Cfg(train_steps=10), "small": _Cfg()}
 
 
-def test_parse_config_converts_types(capsys):
+def test_overrides_convert_types():
     argv = [
-        "--config=tiny",
         "--lr=1e-3",
-        "--steps=200",
-        "--widths=1,2,3",
-        "--pair=3,0.25",
-        "--resume",
+        "--train-steps=200",
+        "--width=1,2,3",
+        "--augment",
         "--dropout=0.1",
         "--solver=anderson",
-        "--workdir=runs/y",
+        "--data_dir=runs/y",
         "--name=abc",
     ]
-    config, overrides = parse_config(_REGISTRY, argv, default="small")
+    config, values = cfg.apply_overrides(_REGISTRY["tiny"], cfg.split_args(argv))
     assert config == _Cfg(
         lr=1e-3,
-        steps=200,
+        train_steps=200,
         name="abc",
-        resume=True,
-        widths=(1, 2, 3),
-        pair=(3, 0.25),
+        augment=True,
+        width=(1, 2, 3),
         dropout=0.1,
         solver="anderson",
-        workdir=pathlib.Path("runs/y"),
+        data_dir="runs/y",
     )
-    assert type(config.lr) is float and type(config.steps) is int
-    assert type(config.widths) is tuple and all(type(w) is int for w in config.widths)
-    assert set(overrides) == {
+    assert type(config.lr) is float and type(config.train_steps) is int
+    assert type(config.width) is tuple and all(type(w) is int for w in config.width)
+    assert set(values) == {
         "lr",
-        "steps",
-        "widths",
-        "pair",
-        "resume",
+        "train_steps",
+        "width",
+        "augment",
         "dropout",
         "solver",
-        "workdir",
+        "data_dir",
         "name",
     }
-    assert overrides["widths"] == (1, 2, 3)
-    out = capsys.readouterr().out
-    assert "override steps = 200 (was 10)" in out  # base was "tiny", not the default
+    assert values["width"] == (1, 2, 3)
 
 
-def test_parse_config_default_and_none(capsys):
-    config, overrides = parse_config(_REGISTRY, ["--dropout=none", "--steps=1e3"], default="small")
-    assert config == _Cfg(dropout=None, steps=1000)
-    assert overrides == {"dropout": None, "steps": 1000}
-    config, overrides = parse_config(_REGISTRY, [], default="tiny")
-    assert config == _REGISTRY["tiny"]
-    assert overrides == {}
-    assert (
-        capsys.readouterr().out
-        == "override dropout = None (was None)\noverride steps = 1000 (was 100)\n"
+def test_from_args_default_and_none():
+    config = cfg.from_args(["--dropout=none", "--train_steps=1e3"], _REGISTRY, "small")
+    assert config == _Cfg(dropout=None, train_steps=1000)
+    assert cfg.from_args([], _REGISTRY, "tiny") == _REGISTRY["tiny"]
+    assert cfg.from_args(["--config=tiny", "--lr=1"], _REGISTRY, "small") == _Cfg(
+        train_steps=10, lr=1.0
     )
 
 
@@ -142,65 +125,68 @@ def test_parse_config_default_and_none(capsys):
     "text, expected",
     [("true", True), ("1", True), ("True", True), ("false", False), ("0", False)],
 )
-def test_parse_config_bools(text, expected):
-    config, _ = parse_config(_REGISTRY, [f"--resume={text}"], default="small")
-    assert config.resume is expected
-
-
-def test_parse_config_unknown_key_suggests():
-    with pytest.raises(
-        ValueError,
-        match=r"unknown config key 'lrr'.*Did you mean 'lr'\?.*Valid keys: lr, steps",
-    ):
-        parse_config(_REGISTRY, ["--lrr=1e-3"], default="small")
-    with pytest.raises(ValueError, match=r"unknown config 'tinyy'.*Did you mean 'tiny'"):
-        parse_config(_REGISTRY, ["--config=tinyy"], default="small")
+def test_overrides_bools(text, expected):
+    config, _ = cfg.apply_overrides(_Cfg(), {"augment": text})
+    assert config.augment is expected
 
 
 @pytest.mark.parametrize(
-    "arg, pattern",
+    "argv, pattern",
     [
-        ("--steps=abc", r"bad value 'abc' for --steps: expected int"),
-        ("--steps=1.5", r"for --steps: expected int"),
-        ("--lr=fast", r"for --lr: expected float"),
-        ("--resume=maybe", r"for --resume: expected bool"),
-        ("--widths=1,x", r"for --widths: expected tuple\[int, \.\.\.\]"),
-        (
-            "--pair=1,2,3",
-            r"for --pair: expected tuple\[int, float\] \(expected 2 comma-separated",
-        ),
-        ("--dropout=lots", r"for --dropout: expected float \| None"),
-        ("--solver=broyden", r"for --solver: expected one of 'reversible', 'anderson'"),
-        ("--lr", r"--lr needs a value"),
-        ("lr=1", r"unexpected argument 'lr=1'"),
+        (["--lrr=1e-3"], r"^unknown option --lrr; did you mean 'lr'\?"),
+        (["--config=tinyy"], r"^--config=tinyy: unknown; choose from tiny, small$"),
+        (["--train_steps=abc"], r"^--train_steps=abc: expected int$"),
+        (["--train_steps=1.5"], r"^--train_steps=1.5: expected int$"),
+        (["--lr=fast"], r"^--lr=fast: expected float$"),
+        (["--augment=maybe"], r"^--augment=maybe: expected bool$"),
+        (["--width=1,x"], r"^--width=1,x: expected comma-separated ints$"),
+        (["--dropout=lots"], r"^--dropout=lots: expected float or none$"),
+        (["--solver=broyden"], r"^--solver=broyden: expected one of reversible, anderson$"),
+        (["--lr"], r"^--lr needs a value"),
+        (["lr=1"], r"^unexpected argument 'lr=1'"),
+        # values of the right type that cannot work
+        (["--lr=-1"], r"^--lr=-1.0: must be a positive learning rate"),
+        (["--lr=inf"], r"^--lr=inf: must be a positive learning rate"),
+        (["--train_steps=0"], r"^--train_steps=0: must be >= 1$"),
+        (["--dropout=1.5"], r"^--dropout=1.5: must lie in \[0, 1\)"),
+        (["--width=4,0"], r"^--width=4,0: must be one or more positive ints$"),
+        (["--dim=18"], r"^--dim=18 is not divisible by --num_heads=4; .* --dim=16$"),
+        (["--warmup_steps=200"], r"^--warmup_steps=200 exceeds --train_steps=100"),
+        (["--solver=anderson"], r"^--adjoint=reversible needs --solver=reversible"),
+        (["--data_dir=/no/such/dir"], r"^--data_dir=/no/such/dir: does not exist"),
     ],
 )
-def test_parse_config_bad_values(arg, pattern):
-    with pytest.raises(ValueError, match=pattern):
-        parse_config(_REGISTRY, [arg], default="small")
+def test_bad_arguments_are_one_line_errors(argv, pattern):
+    with pytest.raises(cfg.ConfigError, match=pattern) as info:
+        cfg.from_args(argv, _REGISTRY, "small")
+    assert "\n" not in str(info.value)
 
 
-def test_parse_config_help(capsys):
-    with pytest.raises(SystemExit) as exc:
-        parse_config(_REGISTRY, ["--config=tiny", "--help"], default="small")
-    assert exc.value.code == 0
-    out = capsys.readouterr().out
-    assert "config 'tiny'" in out and "steps" in out and "= 10  (int)" in out
-    assert "widths" in out and "(tuple[int, ...])" in out
+def test_validate_checks_types_of_constructed_configs():
+    with pytest.raises(cfg.ConfigError, match=r"^--train_steps='5' is not valid: expected int$"):
+        cfg.validate(_Cfg(train_steps="5"))  # pyright: ignore[reportArgumentType]
+    with pytest.raises(cfg.ConfigError, match=r"^--augment=1 is not valid: expected bool$"):
+        cfg.validate(_Cfg(augment=1))  # pyright: ignore[reportArgumentType]
+    cfg.validate(_Cfg(lr=1))  # an int is a float
+
+
+def test_describe_lists_every_field():
+    text = cfg.describe(_REGISTRY["tiny"])
+    assert "--train_steps" in text and "= 10" in text and "--width" in text
 
 
 def test_config_json_round_trip():
-    config = _Cfg(widths=(3, 4), pair=(2, 1.5), dropout=0.25, solver="anderson")
-    d = json.loads(json.dumps(config_to_dict(config)))
-    assert d["widths"] == [3, 4] and d["workdir"] == "runs/x"
-    back = config_from_dict(_Cfg, d)
+    config = _Cfg(width=(3, 4), dropout=0.25, solver="anderson", adjoint="implicit")
+    d = json.loads(json.dumps(cfg.to_dict(config)))
+    assert d["width"] == [3, 4]
+    back = cfg.from_dict(_Cfg, d)
     assert back == config
-    assert type(back.widths) is tuple and type(back.pair[1]) is float
-    assert config_from_dict(_Cfg, {"steps": 5}) == _Cfg(steps=5)  # missing keys take defaults
-    with pytest.raises(ValueError, match=r"unknown keys \['stepz'\].*Did you mean 'steps'"):
-        config_from_dict(_Cfg, {"stepz": 5})
-    with pytest.raises(ValueError, match="steps: expected int"):
-        config_from_dict(_Cfg, {"steps": "5"})
+    assert type(back.width) is tuple
+    assert cfg.from_dict(_Cfg, {"train_steps": 5}) == _Cfg(train_steps=5)  # defaults
+    with pytest.raises(cfg.ConfigError, match=r"unknown config field 'stepz'"):
+        cfg.from_dict(_Cfg, {"stepz": 5})
+    with pytest.raises(cfg.ConfigError, match=r"--train_steps='5' is not valid"):
+        cfg.validate(cfg.from_dict(_Cfg, {"train_steps": "5"}))
 
 
 # ======================================================================================
@@ -227,7 +213,7 @@ def test_checkpoint_round_trip_bit_exact(tmp_path):
         "key": jr.key(7),
         "step": jnp.asarray(3, jnp.int32),
     }
-    header = {"config": {"lr": 1e-3, "widths": [1, 2]}, "step": 3}
+    header = {"config": {"lr": 1e-3, "width": [1, 2]}, "step": 3}
     path = tmp_path / "sub" / "ckpt.eqx"
     save_checkpoint(path, tree, header)
 
@@ -240,7 +226,9 @@ def test_checkpoint_round_trip_bit_exact(tmp_path):
     }
     assert not _leaves_equal(like, tree)
     loaded, loaded_header = load_checkpoint(path, like)
-    assert loaded_header == header == read_header(path)
+    assert loaded_header == read_header(path)
+    assert {k: v for k, v in loaded_header.items() if k not in ("xxh3_128", "bytes")} == header
+    assert len(loaded_header["xxh3_128"]) == 32 and loaded_header["bytes"] > 0
     assert _leaves_equal(loaded, tree)
     counts = [
         x for x in jax.tree.leaves(loaded["opt_state"]) if jnp.issubdtype(x.dtype, jnp.integer)
@@ -254,11 +242,11 @@ def test_checkpoint_round_trip_batchnorm_state(tmp_path):
     model, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(4, axis_name="batch", mode="ema")
     x = jr.normal(jr.key(0), (16, 4)) * 3.0 + 1.0
     _, state = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
-    train_state = TrainState(model=model, opt_state=(), step=5, model_state=state)
+    train_state = TrainState(model, (), jnp.asarray(5), state)
     save_checkpoint(tmp_path / "bn.eqx", train_state, {"step": 5})
 
     _, fresh_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(4, axis_name="batch", mode="ema")
-    like = TrainState(model=model, opt_state=(), step=0, model_state=fresh_state)
+    like = TrainState(model, (), jnp.asarray(0), fresh_state)
     assert not _leaves_equal(like, train_state)  # the running statistics moved
     loaded, _ = load_checkpoint(tmp_path / "bn.eqx", like)
     assert _leaves_equal(loaded, train_state)
@@ -270,17 +258,17 @@ def test_checkpoint_atomic_on_failure(tmp_path, monkeypatch):
     save_checkpoint(path, {"w": jnp.arange(4.0)}, {"step": 1})
     original = path.read_bytes()
 
-    def _boom(f, tree, **kwargs):
-        f.write(b"partial garbage")
-        raise RuntimeError("disk on fire")
+    def _boom(fd):
+        raise OSError("disk on fire")
 
-    monkeypatch.setattr(eqx, "tree_serialise_leaves", _boom)
-    with pytest.raises(RuntimeError, match="disk on fire"):
+    monkeypatch.setattr(os, "fsync", _boom)  # the temp file is written, then this fails
+    with pytest.raises(OSError, match="disk on fire"):
         save_checkpoint(path, {"w": jnp.zeros(4)}, {"step": 2})
+    monkeypatch.undo()
     assert path.read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.eqx"]
 
-    with pytest.raises(TypeError, match="JSON-serialisable"):
+    with pytest.raises(TypeError, match="JSON serializable"):
         save_checkpoint(tmp_path / "other.eqx", {"w": jnp.zeros(4)}, {"bad": object()})
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.eqx"]
 
@@ -288,30 +276,142 @@ def test_checkpoint_atomic_on_failure(tmp_path, monkeypatch):
 def test_checkpoint_mismatched_skeleton(tmp_path):
     path = tmp_path / "ckpt.eqx"
     save_checkpoint(path, {"w": jnp.zeros(4)}, {"step": 1})
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(MismatchedCheckpoint, match=r"ckpt.eqx does not fit this model") as info:
         load_checkpoint(path, {"w": jnp.zeros(5)})
-    with pytest.raises(ValueError, match="more data than the skeleton"):
+    assert "\n" not in str(info.value)
+    with pytest.raises(MismatchedCheckpoint, match="it holds more arrays"):
         load_checkpoint(path, {})
     (tmp_path / "junk.eqx").write_bytes(b"\x93NUMPY not a header\n")
-    with pytest.raises(ValueError, match="not a checkpoint"):
+    with pytest.raises(DamagedCheckpoint, match="not a checkpoint header"):
         read_header(tmp_path / "junk.eqx")
 
 
-def test_checkpoint_manager(tmp_path):
-    manager = CheckpointManager(tmp_path / "run")
-    assert manager.latest_path() is None and manager.best_path() is None
-    manager.save({"w": jnp.ones(2)}, {"step": 1})
-    assert manager.latest_path() == tmp_path / "run" / "latest.eqx" and manager.best_path() is None
-    manager.save({"w": jnp.full(2, 2.0)}, {"step": 2}, best=True)
-    manager.save({"w": jnp.full(2, 3.0)}, {"step": 3})
-    assert read_header(manager.latest_path())["step"] == 3
-    assert read_header(manager.best_path())["step"] == 2
-    best, _ = load_checkpoint(manager.best_path(), {"w": jnp.zeros(2)})
-    assert np.array_equal(best["w"], np.full(2, 2.0, np.float32))
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "best.eqx",
-        "latest.eqx",
-    ]
+def _damage(path: pathlib.Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    body = data.index(b"\n") + 1
+    if how == "truncate":
+        del data[len(data) // 2 :]
+    elif how == "zero-fill":
+        middle = body + (len(data) - body) // 2
+        data[middle : middle + 4096] = bytes(len(data[middle : middle + 4096]))
+    elif how == "bit-flip":
+        data[body + (len(data) - body) // 3] ^= 0x10
+    elif how == "header":
+        data[5] ^= 0xFF
+    elif how == "empty":
+        data = bytearray()
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = ["truncate", "zero-fill", "bit-flip", "header", "empty"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_checkpoint_is_detected(tmp_path, how):
+    model, opt_state = _mlp_and_adamw(jr.key(0))
+    tree = {"model": model, "opt_state": opt_state, "big": jnp.ones((64, 64))}  # > 8 KiB
+    path = tmp_path / "ckpt.eqx"
+    save_checkpoint(path, tree, {"step": 1})
+    _damage(path, how)
+    with pytest.raises(DamagedCheckpoint, match=r"ckpt.eqx is damaged: ") as info:
+        load_checkpoint(path, tree)
+    assert "\n" not in str(info.value)
+
+
+# ======================================================================================
+# run directories
+# ======================================================================================
+
+
+def _state(value: float, step: int) -> TrainState:
+    return TrainState({"w": jnp.full(3, float(value))}, (), jnp.asarray(step, jnp.int32))
+
+
+def test_run_directory_is_one_run(tmp_path):
+    run = Run(tmp_path / "run")
+    run.check(resume=False, overwrite=False)  # absent: fine
+    fresh = _state(0, 0)
+    assert run.restore(fresh) == (fresh, {}) and not run.dir.exists()  # nothing to restore
+    run.begin({"experiment": "x", "config": {"a": 1}}, step=0)
+    assert json.loads((run.dir / "config.json").read_text())["config"] == {"a": 1}
+    run.log(1, "train", loss=0.5)
+    run.save(_state(1, 1))
+    run.save(_state(2, 2), best=True, best_val=0.1)
+    run.save(_state(3, 3))
+    assert read_header(run.latest)["step"] == 3 and read_header(run.best)["step"] == 2
+    assert read_header(run.best)["best_val"] == 0.1 and read_header(run.best)["experiment"] == "x"
+
+    again = Run(run.dir)
+    with pytest.raises(RunError, match=r"already holds a run; continue it with --resume"):
+        again.check(resume=False, overwrite=False)
+    with pytest.raises(RunError, match="give one"):
+        again.check(resume=True, overwrite=True)
+    again.check(resume=True, overwrite=False)
+    state, header = again.restore(_state(0, 0))
+    assert int(state.step) == 3 and header["step"] == 3
+    with pytest.raises(RunError, match=r"latest.eqx does not fit this model.*--overwrite"):
+        Run(run.dir).restore({"w": jnp.zeros(4)})
+
+    again.check(resume=False, overwrite=True)
+    (run.dir / ".latest.eqx.abc.tmp").write_bytes(b"x" * 100)
+    again.begin({"experiment": "x", "config": {"a": 2}}, step=0, overwrite=True)
+    assert sorted(p.name for p in run.dir.iterdir()) == ["config.json"]  # cleared
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_latest_falls_back_to_best(tmp_path, capsys, how):
+    run = Run(tmp_path)
+    run.begin({"config": {}}, step=0)
+    run.save(_state(2, 2), best=True)
+    run.save(_state(4, 4))
+    _damage(run.latest, how)
+    state, header = Run(tmp_path).restore(_state(0, 0))
+    assert int(state.step) == 2 and _leaves_equal(state, _state(2, 2))
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {run.latest} is damaged") and err.count("\n") == 1
+    assert f"falling back to {run.best}" in err
+
+    _damage(run.best, how)
+    with pytest.raises(
+        RunError,
+        match=r"best.eqx is damaged: .*\(latest.eqx is damaged too\); no intact checkpoint "
+        r"to resume from; start over with --overwrite$",
+    ) as info:
+        Run(tmp_path).restore(_state(0, 0))
+    assert "\n" not in str(info.value)
+    run.best.unlink()
+    with pytest.raises(RunError, match=r"latest.eqx is damaged: .*; no intact checkpoint"):
+        Run(tmp_path).restore(_state(0, 0))
+
+
+def test_run_refuses_non_finite_states_and_losses(tmp_path):
+    run = Run(tmp_path)
+    run.begin({"config": {}}, step=0)
+    run.save(_state(1.0, 5))
+    with pytest.raises(NonFiniteError, match=r"non-finite parameters at step 7.*keeps step 5"):
+        run.save(_state(float("nan"), 7))
+    assert read_header(run.latest)["step"] == 5
+    good, _ = Run(tmp_path).restore(_state(0, 0))
+    assert _leaves_equal(good, _state(1.0, 5))
+    with pytest.raises(NonFiniteError, match=r"train loss is nan at step 8 .*keeps step 5"):
+        run.log(8, "train", loss=float("nan"))
+    assert read_metrics(tmp_path)[-1]["step"] == 8  # logged, then stopped
+
+
+def test_resume_drops_metrics_after_the_checkpoint_and_torn_lines(tmp_path, capsys):
+    run = Run(tmp_path)
+    run.begin({"config": {}}, step=0)
+    for step in (2, 4, 6):
+        run.log(step, "train", loss=1.0 / step)
+    with open(run.metrics.path, "a") as f:
+        f.write('{"step": 8, "spl')  # a line cut short by a kill
+    assert [r["step"] for r in read_metrics(tmp_path)] == [2, 4, 6]
+    assert "skipped the torn last line" in capsys.readouterr().err
+    Run(tmp_path).begin({"config": {}}, step=4)  # resumed from a checkpoint at step 4
+    assert [r["step"] for r in read_metrics(tmp_path)] == [2, 4]
+    assert run.metrics.path.read_bytes().endswith(b"\n")
+    Run(tmp_path).log(6, "train", loss=0.1)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [2, 4, 6]
 
 
 # ======================================================================================
@@ -409,33 +509,59 @@ def test_plots_are_pngs(tmp_path):
 
 
 def test_warmup_cosine_schedule():
-    schedule = warmup_cosine(1.0, warmup_steps=4, total_steps=12, final_lr_ratio=0.1)
+    schedule = warmup_cosine(1.0, warmup_steps=4, train_steps=12)
     values = [float(schedule(i)) for i in (0, 2, 4, 8, 12, 20)]
-    np.testing.assert_allclose(values, [0.0, 0.5, 1.0, 0.55, 0.1, 0.1], rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="warmup_steps"):
-        warmup_cosine(1.0, warmup_steps=13, total_steps=12)
+    np.testing.assert_allclose(values, [0.0, 0.5, 1.0, 0.5, 0.0, 0.0], rtol=1e-6, atol=1e-7)
+    linear = warmup_cosine(1.0, warmup_steps=12, train_steps=12)
+    np.testing.assert_allclose([float(linear(i)) for i in (0, 6, 12)], [0.0, 0.5, 1.0])
 
 
-def test_adamw_cosine_decays_matrices_only_and_clips():
+@dataclasses.dataclass(frozen=True)
+class _OptCfg:
+    lr: float = 0.5
+    weight_decay: float = 0.1
+    grad_clip: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    train_steps: int = 10
+    plateau_factor: float = 0.5
+    plateau_patience: int = 1
+    plateau_window: int = 1
+    min_lr: float = 0.01
+
+
+def test_optimizer_decays_matrices_only_and_clips():
     params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
     zero = jax.tree.map(jnp.zeros_like, params)
-    optimizer = adamw_cosine(0.5, warmup_steps=0, total_steps=10, weight_decay=0.1)
-    updates, _ = optimizer.update(zero, optimizer.init(params), params)
+    optimizer, lr_at = make_optimizer(_OptCfg())
+    updates, _ = optimizer.update(zero, optimizer.init(params), params, value=1.0)
     np.testing.assert_allclose(updates["w"], -0.5 * 0.1 * np.ones((2, 2)), rtol=1e-6)
     assert np.array_equal(updates["b"], np.zeros(2))
+    assert float(lr_at(None, 3)) == 0.5
 
     big = {"w": jnp.full((2, 2), 1e3), "b": jnp.full(2, 1e3)}
-    clipped = adamw_cosine(0.5, warmup_steps=0, total_steps=10, weight_decay=0.0, clip_norm=1.0)
-    free = adamw_cosine(0.5, warmup_steps=0, total_steps=10, weight_decay=0.0)
+    clipped, _ = make_optimizer(_OptCfg(weight_decay=0.0, grad_clip=1.0))
+    free, _ = make_optimizer(_OptCfg(weight_decay=0.0))
     state_c, state_f = clipped.init(params), free.init(params)
-    _, state_c = clipped.update(big, state_c, params)
-    _, state_f = free.update(big, state_f, params)
+    _, state_c = clipped.update(big, state_c, params, value=1.0)
+    _, state_f = free.update(big, state_f, params, value=1.0)
     mu_c = [x for x in jax.tree.leaves(state_c) if x.shape == (2, 2)][0]
     mu_f = [x for x in jax.tree.leaves(state_f) if x.shape == (2, 2)][0]
-    # first moment = (1 - b1) * g: clipping scales g (global norm sqrt(6) * 1e3) down to
-    # norm 1
+    # first moment = (1 - b1) * g: clipping scales g (global norm sqrt(6) * 1e3) down to 1
     np.testing.assert_allclose(mu_f, 0.1 * 1e3 * np.ones((2, 2)), rtol=1e-5)
     np.testing.assert_allclose(mu_c, 0.1 * np.ones((2, 2)) / np.sqrt(6.0), rtol=1e-5)
+
+
+def test_optimizer_schedules():
+    cosine, lr_at = make_optimizer(_OptCfg(schedule="cosine", warmup_steps=2))
+    np.testing.assert_allclose([float(lr_at(None, s)) for s in (0, 1, 2, 10)], [0, 0.25, 0.5, 0])
+    plateau, lr_at = make_optimizer(_OptCfg(schedule="plateau"))
+    params = {"w": jnp.ones((2, 2))}
+    state = plateau.init(params)
+    assert float(lr_at(state, 0)) == 0.5
+    for _ in range(4):  # the loss never improves: the lr halves, down to min_lr
+        _, state = plateau.update(params, state, params, value=1.0)
+    assert 0.01 <= float(lr_at(state, 4)) < 0.5
 
 
 def test_count_params():
@@ -446,267 +572,6 @@ def test_count_params():
 
     model = _WithInts(eqx.nn.Linear(3, 4, key=jr.key(0)), jnp.arange(10))
     assert count_params(model) == 3 * 4 + 4  # the int table and the string are not parameters
-
-
-# ======================================================================================
-# the training loop
-# ======================================================================================
-
-_W_TRUE = np.array([[1.0], [-2.0], [0.5], [3.0]], np.float32)
-
-
-def _get_batch(step: int, nan_from: int | None = None):
-    rng = np.random.default_rng(step)
-    x = rng.normal(size=(16, 4)).astype(np.float32)
-    y = x @ _W_TRUE + 0.1 * rng.normal(size=(16, 1)).astype(np.float32)
-    if nan_from is not None and step >= nan_from:
-        y = np.full_like(y, np.nan)
-    return x, y
-
-
-_OPTIMIZER = optax.adam(3e-2)
-
-
-@eqx.filter_jit
-def _train_step(state: TrainState, batch, key):
-    dtype = state.model.weight.dtype
-    x, y = (jnp.asarray(a, dtype) for a in batch)
-    x = x + 0.01 * jr.normal(key, x.shape, dtype)  # uses the per-step key, so resume must replay it
-
-    def _loss(model):
-        return jnp.mean((jax.vmap(model)(x) - y) ** 2)
-
-    loss, grads = eqx.filter_value_and_grad(_loss)(state.model)
-    return state.apply_gradients(grads, _OPTIMIZER), {
-        "loss": loss,
-        "nfe": jnp.asarray(4, jnp.int32),
-    }
-
-
-@eqx.filter_jit
-def _train_step_no_increment(state: TrainState, batch, key):
-    new_state, metrics = _train_step(state, batch, key)
-    return eqx.tree_at(lambda s: s.step, new_state, state.step), metrics
-
-
-_VAL = _get_batch(10_000)
-
-
-def _evaluate(state: TrainState) -> dict[str, float]:
-    x, y = (jnp.asarray(a, state.model.weight.dtype) for a in _VAL)
-    return {"loss": float(jnp.mean((jax.vmap(state.model)(x) - y) ** 2))}
-
-
-def _fresh_state() -> TrainState:
-    return TrainState.create(eqx.nn.Linear(4, 1, key=jr.key(0)), _OPTIMIZER)
-
-
-def _run(
-    workdir,
-    total,
-    *,
-    resume=False,
-    state=None,
-    train_step=_train_step,
-    get_batch=_get_batch,
-    log_every=2,
-    eval_every=4,
-    checkpoint_every=3,
-    progress=False,
-    evaluate=_evaluate,
-):
-    spec = LoopSpec(
-        total_steps=total,
-        log_every=log_every,
-        eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
-        workdir=workdir,
-        seed=0,
-    )
-    return train_loop(
-        spec=spec,
-        state=_fresh_state() if state is None else state,
-        train_step=train_step,
-        get_batch=get_batch,
-        evaluate=evaluate,
-        header={"config": {"lr": 3e-2}, "run": "toy"},
-        resume=resume,
-        unit_name="examples",
-        units_per_step=16,
-        progress=progress,
-    )
-
-
-def test_loop_resume_is_exact(tmp_path, capsys):
-    full = _run(tmp_path / "full", 12, progress=True)
-    assert int(full.step) == 12
-    assert not _leaves_equal(full.model, _fresh_state().model)  # it trained
-
-    half = _run(tmp_path / "split", 6)
-    assert read_header(tmp_path / "split" / "latest.eqx")["step"] == 6
-    resumed = _run(tmp_path / "split", 12, resume=True)
-    assert "resumed from" in capsys.readouterr().out
-    assert int(resumed.step) == 12
-    assert not _leaves_equal(half.model, resumed.model)
-    assert _leaves_equal(resumed, full)  # model, optimiser state and step, bit for bit
-
-    records = read_metrics(tmp_path / "split")
-    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8, 10, 12]
-    assert [r["step"] for r in records if r["split"] == "val"] == [4, 6, 8, 12]
-    assert all(r["nfe"] == 4 for r in records if r["split"] == "train")
-    timed = [r for r in records if "ms_per_step" in r]
-    assert timed and all(r["ms_per_step"] > 0 and r["examples_per_s"] > 0 for r in timed)
-    assert "ms_per_step" not in records[0]  # step 2: compilation, not timed
-
-    assert json.loads((tmp_path / "split" / "config.json").read_text()) == {
-        "config": {"lr": 3e-2},
-        "run": "toy",
-    }
-    latest = read_header(tmp_path / "split" / "latest.eqx")
-    assert latest["config"] == {"lr": 3e-2} and latest["step"] == 12
-    val_losses = {r["step"]: r["loss"] for r in records if r["split"] == "val"}
-    best_step = min(val_losses, key=val_losses.get)
-    best = read_header(tmp_path / "split" / "best.eqx")
-    assert best["best"] == {
-        "key": "loss",
-        "mode": "min",
-        "value": val_losses[best_step],
-        "step": best_step,
-    }
-    assert best["step"] == best_step
-
-
-def test_loop_resume_after_crash_and_interrupt(tmp_path):
-    full = _run(tmp_path / "full", 12, progress=False)
-
-    def _crashing_batch(step):
-        if step == 8:
-            raise OSError("data server went away")
-        return _get_batch(step)
-
-    with pytest.raises(
-        OSError, match="went away"
-    ):  # no evaluation: it would also save on improvement
-        _run(tmp_path / "crash", 12, get_batch=_crashing_batch, evaluate=None)
-    assert read_header(tmp_path / "crash" / "latest.eqx")["step"] == 6  # checkpoint_every=3
-    assert (
-        max(r["step"] for r in read_metrics(tmp_path / "crash")) == 8
-    )  # logged past the checkpoint
-
-    def _interrupting_batch(step):
-        if step == 10:
-            raise KeyboardInterrupt
-        return _get_batch(step)
-
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path / "crash", 12, resume=True, get_batch=_interrupting_batch)
-    assert read_header(tmp_path / "crash" / "latest.eqx")["step"] == 10  # saved on interrupt
-    resumed = _run(tmp_path / "crash", 12, resume=True)
-    assert _leaves_equal(resumed, full)
-    train_steps = [r["step"] for r in read_metrics(tmp_path / "crash") if r["split"] == "train"]
-    assert train_steps == [
-        2,
-        4,
-        6,
-        8,
-        10,
-        12,
-    ]  # stale records from the crashed run were dropped
-
-
-@pytest.mark.parametrize("log_every, caught_at", [(1, 8), (100, 10)])
-def test_loop_non_finite_loss(tmp_path, log_every, caught_at):
-    def _nan_batch(step):
-        return _get_batch(step, nan_from=7)
-
-    with pytest.raises(NonFiniteLossError, match=rf"at step {caught_at}.*still holds step 5"):
-        _run(
-            tmp_path,
-            20,
-            get_batch=_nan_batch,
-            log_every=log_every,
-            checkpoint_every=5,
-            eval_every=100,
-        )
-    assert issubclass(NonFiniteLossError, RuntimeError)
-    assert read_header(tmp_path / "latest.eqx")["step"] == 5
-    good, _ = load_checkpoint(tmp_path / "latest.eqx", _fresh_state())
-    assert int(good.step) == 5
-    assert all(
-        bool(jnp.all(jnp.isfinite(x)))
-        for x in jax.tree.leaves(eqx.filter(good, eqx.is_inexact_array))
-    )
-    reference = _run(tmp_path / "ref", 5, progress=False, evaluate=None)
-    assert _leaves_equal(good, reference)
-
-
-@eqx.filter_jit
-def _train_step_poisoned(state: TrainState, batch, key):
-    """The loss is finite, but from step 7 the update leaves NaN parameters behind."""
-    x, y, scale = batch
-    new_state, metrics = _train_step(state, (x, y), key)
-    model = jax.tree.map(lambda p: p * scale, new_state.model)
-    return eqx.tree_at(lambda s: s.model, new_state, model), metrics
-
-
-def test_loop_non_finite_parameters_are_not_saved(tmp_path):
-    def _batch(step):
-        return (*_get_batch(step), np.float32(np.nan if step >= 6 else 1.0))
-
-    with pytest.raises(NonFiniteLossError, match=r"parameters.*non-finite.*at step 7"):
-        _run(
-            tmp_path,
-            20,
-            train_step=_train_step_poisoned,
-            get_batch=_batch,
-            log_every=100,
-            checkpoint_every=7,
-            eval_every=100,
-            evaluate=None,
-        )
-    assert not (tmp_path / "latest.eqx").exists()  # the only save point had a bad state
-
-
-def test_loop_owns_the_step_counter(tmp_path):
-    state = _run(tmp_path, 5, train_step=_train_step_no_increment, evaluate=None)
-    assert int(state.step) == 5
-    assert read_header(tmp_path / "latest.eqx")["step"] == 5
-    loaded, _ = load_checkpoint(tmp_path / "latest.eqx", _fresh_state())
-    assert int(loaded.step) == 5
-
-
-def test_loop_rejects_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="best_mode"):
-        train_loop(
-            spec=LoopSpec(4, 1, 1, 1, tmp_path, 0),
-            state=_fresh_state(),
-            train_step=_train_step,
-            get_batch=_get_batch,
-            evaluate=None,
-            header={},
-            resume=False,
-            best_mode="lowest",
-        )
-    with pytest.raises(ValueError, match="log_every"):
-        LoopSpec(
-            total_steps=4,
-            log_every=0,
-            eval_every=1,
-            checkpoint_every=1,
-            workdir=tmp_path,
-            seed=0,
-        )
-    with pytest.raises(TypeError, match="`header` must be JSON-serialisable"):
-        train_loop(
-            spec=LoopSpec(4, 1, 1, 1, tmp_path, 0),
-            state=_fresh_state(),
-            train_step=_train_step,
-            get_batch=_get_batch,
-            evaluate=None,
-            header={"x": object()},
-            resume=False,
-        )
-    assert not (tmp_path / "config.json").exists()
 
 
 # ======================================================================================
@@ -795,10 +660,9 @@ _SHARDED_LOOP_SCRIPT = textwrap.dedent(
     """
     import pathlib, sys
     import equinox as eqx, jax, jax.numpy as jnp, jax.random as jr, numpy as np, optax
-    from experiments.common import (
-        LoopSpec, TrainState, load_checkpoint, make_mesh, replicate, shard_batch,
-        train_loop,
-    )
+    from experiments.common.optim import TrainState
+    from experiments.common.run import Run
+    from experiments.common.sharding import make_mesh, replicate, shard_batch
 
     assert jax.device_count() == 4
     tmp = pathlib.Path(sys.argv[1])
@@ -811,7 +675,9 @@ _SHARDED_LOOP_SCRIPT = textwrap.dedent(
         x = x + 0.01 * jr.normal(key, x.shape)
         loss_fn = lambda m: jnp.mean((jax.vmap(m)(x) - y) ** 2)
         loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model)
-        return state.apply_gradients(grads, optimizer), {"loss": loss}
+        updates, opt_state = optimizer.update(grads, state.opt_state)
+        model = eqx.apply_updates(state.model, updates)
+        return TrainState(model, opt_state, state.step + 1), {"loss": loss}
 
     def get_batch(step):
         x = np.random.default_rng(step).normal(size=(8, 3)).astype(np.float32)
@@ -822,16 +688,21 @@ _SHARDED_LOOP_SCRIPT = textwrap.dedent(
         return replicate(TrainState.create(model, optimizer), mesh)
 
     def run(workdir, total, resume):
-        spec = LoopSpec(total, log_every=1, eval_every=100, checkpoint_every=2,
-                        workdir=workdir, seed=0)
-        return train_loop(spec=spec, state=fresh(), train_step=train_step,
-                          get_batch=get_batch, evaluate=None, header={}, resume=resume,
-                          unit_name="examples", units_per_step=8, progress=False)
+        run = Run(workdir)
+        state = fresh()
+        if resume:
+            state, _ = run.restore(state)
+        run.begin({"config": {}}, step=int(state.step))
+        for step in range(int(state.step), total):
+            state, _ = train_step(state, get_batch(step), jr.fold_in(jr.key(0), step))
+            if (step + 1) % 2 == 0:
+                run.save(state)
+        return state
 
     full = run(tmp / "full", 4, False)
     assert len(full.model.weight.sharding.device_set) == 4
     run(tmp / "split", 2, False)
-    loaded, _ = load_checkpoint(tmp / "split" / "latest.eqx", fresh())
+    loaded, _ = Run(tmp / "split").restore(fresh())
     sharding = loaded.model.weight.sharding
     assert sharding.is_fully_replicated and len(sharding.device_set) == 4, sharding
     resumed = run(tmp / "split", 4, True)

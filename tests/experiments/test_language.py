@@ -17,7 +17,12 @@ from experiments.language.model import ExplicitTransformerLM, lm_loss, make_mode
 from revdeq_jax.nn import EquilibriumTransformerLayer, VariationalDropout
 
 
-SHARED = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
+# ../shared/data beside the repository (or beside a folder holding this worktree)
+SHARED = next(
+    (p / "shared" / "data" for p in pathlib.Path(__file__).resolve().parents[2].parents
+     if (p / "shared" / "data").is_dir()),
+    pathlib.Path("shared/data"),
+)  # fmt: skip
 WIKITEXT = SHARED / "wikitext-2-raw"
 GPT2 = SHARED / "gpt2"
 needs_data = pytest.mark.skipif(
@@ -196,7 +201,7 @@ def test_missing_and_corrupt_tokenizer_error(tmp_path):
 
 @needs_data
 def test_cli_reports_data_error_without_traceback(tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"^error: WikiText directory .* does not exist"):
+    with pytest.raises(SystemExit) as exit_:
         train.main(
             [
                 "--config=tiny",
@@ -204,8 +209,26 @@ def test_cli_reports_data_error_without_traceback(tmp_path, capsys):
                 f"--workdir={tmp_path / 'run'}",
             ]
         )
-    with pytest.raises(SystemExit, match="unknown config key 'solvr'"):
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: --data_dir={tmp_path / 'nowhere'}: does not exist; give an existing directory\n"
+    )
+    with pytest.raises(SystemExit) as exit_:
         train.main(["--config=tiny", "--solvr=anderson"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "error: unknown option --solvr; did you mean 'solver'?"
+    )
+    # A data file missing in an existing directory: one line, exit status 1.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--config=tiny", f"--data-dir={empty}", f"--workdir={tmp_path / 'run'}"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: WikiText file(s) wiki.valid.raw, wiki.test.raw missing in")
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------------------
@@ -330,11 +353,9 @@ def test_resume_equivalence(tmp_path):
         test_tokens=64,
         eval_tokens=64,
     )
-    full = train.train_and_evaluate(_tiny(total_steps=6, **common), tmp_path / "full")
-    train.train_and_evaluate(_tiny(total_steps=3, **common), tmp_path / "split")
-    resumed = train.train_and_evaluate(
-        _tiny(total_steps=6, **common), tmp_path / "split", resume=True
-    )
+    full = train.train(_tiny(train_steps=6, **common), tmp_path / "full")
+    train.train(_tiny(train_steps=3, **common), tmp_path / "split")
+    resumed = train.train(_tiny(train_steps=6, **common), tmp_path / "split", resume=True)
 
     like = train.init_state(_tiny(**common))
     from experiments.common.checkpoint import load_checkpoint

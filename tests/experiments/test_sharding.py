@@ -120,7 +120,7 @@ def test_indivisible_batch_fails_at_startup(tmp_path):
 def test_two_processes_train_loop(tmp_path):
     """Multi-controller JAX on one machine: 2 processes x 2 CPU devices (gloo collectives),
     `jax.distributed.initialize` through `initialize_distributed`, batches assembled with
-    `make_array_from_process_local_data`, `train_loop` with checkpoints, in both modes."""
+    `make_array_from_process_local_data`, a training loop with `Run` checkpoints, in both modes."""
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
         port = str(sock.getsockname()[1])

@@ -1,6 +1,8 @@
 """Tests for the CIFAR-10 experiment (`experiments/vision`) and its library blocks."""
 
+import dataclasses
 import io
+import json
 import math
 import pickle
 import tarfile
@@ -13,7 +15,6 @@ import numpy as np
 import pytest
 
 import revdeq_jax as rdeq
-from experiments.common.loop import LoopSpec, train_loop
 from experiments.vision import data as vdata, train as vtrain
 from experiments.vision.configs import Config, CONFIGS
 from experiments.vision.models import build_model, to_dtype
@@ -110,8 +111,11 @@ def _raises(match, fn, *args, **kwargs):
 
 def test_missing_files(tmp_path, fake_archive):
     _raises("data folder not found", vdata.load_cifar10, tmp_path / "nope", download=False)
+    # A folder that is named is never downloaded into.
+    _raises("data folder not found", vdata.load_cifar10, tmp_path / "nope", download=True)
     (tmp_path / "empty").mkdir()
     _raises("no CIFAR-10 data in", vdata.load_cifar10, tmp_path / "empty", download=False)
+    _raises("no CIFAR-10 data in", vdata.load_cifar10, tmp_path / "empty", download=True)
     _raises("archive not found", vdata.read_archive, tmp_path / "missing.tar.gz")
     _raises(
         f"missing {vdata.SAMPLE_TRAIN}|sample file not found",
@@ -237,8 +241,6 @@ def test_resnet18_param_count():
 
 
 def _tiny(**changes) -> Config:
-    import dataclasses
-
     return dataclasses.replace(CONFIGS["tiny"], **changes)
 
 
@@ -252,8 +254,7 @@ def _fixed_batch(n=8):
 
 def test_train_step_reduces_loss():
     cfg = _tiny(augment=False, lr=3e-3)
-    state, optimizer, lr_fn = vtrain.init_state(cfg, 10, jr.key(0))
-    step = vtrain.make_train_step(cfg, optimizer, lr_fn)
+    state, step = vtrain.init_state(cfg), vtrain.make_train_step(cfg)
     batch = _fixed_batch()
     losses = []
     for i in range(8):
@@ -289,9 +290,9 @@ def test_gradient_exact_against_unrolled(model):
     """Whole model in float64 (BatchNorm in inference mode): the parameter gradient with
     ReversibleAdjoint equals autodiff through the unrolled solve, to 1e-10 relative."""
     if model == "single-scale":
-        cfg = _tiny(model=model, channels=(8,), width=(2,), solver_steps=(4,), beta=0.5)
+        cfg = _tiny(model=model, channels=(8,), width=(2,), max_steps=(4,), beta=0.5)
     else:
-        cfg = _tiny(model=model, channels=(4, 8), width=(2, 1), solver_steps=(4, 3), beta=0.5)
+        cfg = _tiny(model=model, channels=(4, 8), width=(2, 1), max_steps=(4, 3), beta=0.5)
     labels = jnp.arange(4) % 10
     with jax.enable_x64(True):
         x = jr.normal(jr.key(3), (4, 3, 8, 8), jnp.float64)  # 8x8 images keep it fast
@@ -321,42 +322,30 @@ def test_gradient_exact_against_unrolled(model):
         assert float(rel) <= 1e-10, float(rel)
 
 
+def _synthetic(n_train=32, n_test=16) -> vdata.CIFAR10:
+    rng = np.random.default_rng(1)
+    return vdata.CIFAR10(
+        rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+        (np.arange(n_train) % 10).astype(np.int32),
+        rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+        (np.arange(n_test) % 10).astype(np.int32),
+        source="synthetic",
+    )
+
+
 @pytest.mark.slow
 def test_resume_equivalence(tmp_path):
     """N steps + resume + N steps == 2N steps (array_equal), BatchNorm state included."""
-    cfg = _tiny(channels=(4,), width=(1,), solver_steps=(2,))
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
-    labels = (np.arange(32) % 10).astype(np.int32)
-    batches = vdata.Batches(images, labels, cfg.batch_size, seed=0)
-    init, optimizer, lr_fn = vtrain.init_state(cfg, 4, jr.key(0))
-    step = vtrain.make_train_step(cfg, optimizer, lr_fn)
+    from experiments.common.checkpoint import load_checkpoint
 
-    def run(workdir, total, resume):
-        spec = LoopSpec(
-            total,
-            log_every=2,
-            eval_every=100,
-            checkpoint_every=2,
-            workdir=workdir,
-            seed=0,
-        )
-        return train_loop(
-            spec=spec,
-            state=init,
-            train_step=step,
-            get_batch=batches.get,
-            evaluate=None,
-            header={"config": {}},
-            resume=resume,
-            unit_name="images",
-            units_per_step=cfg.batch_size,
-            progress=False,
-        )
-
-    straight = run(tmp_path / "a", 4, False)
-    run(tmp_path / "b", 2, False)
-    resumed = run(tmp_path / "b", 4, True)
+    cfg = _tiny(channels=(4,), width=(1,), max_steps=(2,), eval_every=100, checkpoint_every=2)
+    ds = _synthetic()
+    vtrain.train(dataclasses.replace(cfg, train_steps=4), tmp_path / "a", dataset=ds)
+    vtrain.train(dataclasses.replace(cfg, train_steps=2), tmp_path / "b", dataset=ds)
+    vtrain.train(dataclasses.replace(cfg, train_steps=4), tmp_path / "b", dataset=ds, resume=True)
+    like = vtrain.init_state(cfg)
+    straight, _ = load_checkpoint(tmp_path / "a" / "latest.eqx", like)
+    resumed, _ = load_checkpoint(tmp_path / "b" / "latest.eqx", like)
     assert int(straight.step) == int(resumed.step) == 4
     a, b = (
         jax.tree.leaves(eqx.filter(straight, eqx.is_array)),
@@ -369,30 +358,56 @@ def test_resume_equivalence(tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_tiny(tmp_path):
-    """`train_and_evaluate` on the tiny config with synthetic data, then evaluate.py."""
+    """`train` on the tiny config with synthetic data, then evaluate.py."""
     from experiments.vision import evaluate as veval
 
-    rng = np.random.default_rng(0)
-    ds = vdata.CIFAR10(
-        rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
-        (np.arange(64) % 10).astype(np.int32),
-        rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8),
-        (np.arange(32) % 10).astype(np.int32),
-        source="synthetic",
-    )
+    ds = _synthetic(64, 32)
     cfg = _tiny()
-    vtrain.train_and_evaluate(cfg, tmp_path, name="tiny", dataset=ds)
+    results = vtrain.train(cfg, tmp_path, name="tiny", dataset=ds)
     assert (tmp_path / "latest.eqx").is_file() and (tmp_path / "curves.png").is_file()
-    result = veval.evaluate_workdir(tmp_path, dataset=ds)
+    result = veval.evaluate_workdir(tmp_path, checkpoint="latest", dataset=ds)
     assert 0.0 <= result["acc"] <= 1.0 and result["step"] == cfg.train_steps
+    best = veval.evaluate_workdir(tmp_path, checkpoint="best", dataset=ds)
+    assert best["acc"] == pytest.approx(results["test"]["acc"])  # results.json: best on test
+
+
+def test_best_checkpoint_is_chosen_on_held_out_training_images(tmp_path, monkeypatch):
+    """Validation (which picks best.eqx) runs on the last holdout_fraction of the training
+    images, never on the test split; the test split is evaluated once, at the end."""
+    seen = []
+    real = vtrain.evaluate
+
+    def spy(model, bn_state, images, labels, batch_size):
+        seen.append(images)
+        return real(model, bn_state, images, labels, batch_size)
+
+    monkeypatch.setattr(vtrain, "evaluate", spy)
+    ds = _synthetic(40, 16)
+    cfg = _tiny(channels=(4,), width=(1,), max_steps=(1,), holdout_fraction=0.2, train_steps=2)
+    cfg = dataclasses.replace(cfg, eval_every=1, checkpoint_every=100, train_size=0, test_size=0)
+    vtrain.train(cfg, tmp_path, dataset=ds)
+    held_out = ds.x_train[-8:]
+    during, final_val, final_test = seen[:-2], seen[-2], seen[-1]
+    assert len(during) == 2 and all(np.array_equal(x, held_out) for x in during)
+    assert np.array_equal(final_val, held_out) and np.array_equal(final_test, ds.x_test)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "val"] == [1, 2]
 
 
 @pytest.mark.parametrize(
     "state_dtype,expected",
-    [(None, None), ("float64", jnp.float64), ("float32x2", "float32x2"), ("exact", "exact")],
+    [
+        ("auto", "auto"),
+        (None, None),
+        ("float32", jnp.float32),
+        ("float64", jnp.float64),
+        ("float32x2", "float32x2"),
+        ("exact", "exact"),
+    ],
 )
 def test_solver_state_dtype_from_config(state_dtype, expected):
-    from experiments.vision.models import make_solver
+    from experiments.common.solvers import make_solver
 
-    solver = make_solver("reversible", beta=0.8, state_dtype=state_dtype)
+    assert Config().state_dtype == "auto"  # the default: the library's choice
+    solver = make_solver(_tiny(beta=0.8, state_dtype=state_dtype))
     assert solver.state_dtype == rdeq.Reversible(0.8, state_dtype=expected).state_dtype
