@@ -126,7 +126,9 @@ CONFIGS = {
         max_steps=4,
         tol=1e-3,
         beta=0.5,
-        state_dtype="float64",
+        # the default "auto" state: bit-exact reversal at any depth (the paper's float64
+        # state is exact only while the backward re-evaluation of the layer repeats the
+        # forward's bits; `--state_dtype=float64` reproduces it)
         batch_size=32,
         lr=3e-4,
         weight_decay=0.1,  # ours

@@ -45,7 +45,7 @@ from .train import init_state, make_train_step, train
 # CPU budget allows it (single-scale and the ODE are narrower: at full width one step of either
 # costs 10-30x the multi-scale model at 32x32 resolution).
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
-    "revdeq-multiscale": ("RevDEQ multi-scale (reversible, exact grad)", {}),
+    "revdeq-multiscale": ("RevDEQ multi-scale (reversible, exact state)", {}),
     "deq-ift-multiscale": (
         "DEQ multi-scale (Anderson + implicit/IFT grad)",
         {"solver": "anderson", "adjoint": "implicit"},
