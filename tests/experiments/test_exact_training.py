@@ -27,7 +27,6 @@ from experiments.language.model import lm_loss, make_model
 from experiments.vision import train as vtrain
 from experiments.vision.configs import CONFIGS as VISION_CONFIGS
 from experiments.vision.models import build_model, to_dtype
-
 from tests.helpers import tree_rel_error
 
 
