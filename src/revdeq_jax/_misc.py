@@ -62,11 +62,6 @@ def relative_residual(z: PyTree, fz: PyTree) -> Array:
     return num / jnp.maximum(den, tiny)
 
 
-def tree_is_finite(tree: PyTree) -> Array:
-    leaves = jtu.tree_leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def zeros_like_inexact(tree: PyTree) -> PyTree:
     """Zeros for each inexact array leaf, `None` for every other leaf."""
     return jtu.tree_map(lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else None, tree)
@@ -95,12 +90,6 @@ def tree_add_ct(acc: PyTree, new: PyTree) -> PyTree:
         return a + b.astype(a.dtype)
 
     return jtu.tree_map(_add, acc, new, is_leaf=lambda x: x is None)
-
-
-def inexact_dtype(tree: PyTree) -> Any:
-    """The common floating dtype of the leaves of `tree`."""
-    leaves = jtu.tree_leaves(tree)
-    return jnp.result_type(*leaves) if leaves else jnp.float32
 
 
 def stop_gradient_inexact(tree: PyTree) -> PyTree:

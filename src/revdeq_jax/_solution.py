@@ -1,9 +1,6 @@
 """Outcome of a fixed-point solve."""
 
-from typing import Any
-
 import equinox as eqx
-import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 
@@ -48,7 +45,6 @@ class Solution(eqx.Module):
     - `result`: a [`revdeq_jax.RESULTS`][] code: `successful`, `max_steps_reached` or
       `nonfinite`.
     - `max_steps`: the step budget.
-    - `stats`: solver-specific extras (a dict of arrays).
     """
 
     value: PyTree[Array]
@@ -57,13 +53,8 @@ class Solution(eqx.Module):
     nfe: Int[Array, ""]
     result: RESULTS
     max_steps: int = eqx.field(static=True)
-    stats: dict[str, Any] = eqx.field(default_factory=dict)
 
     @property
     def converged(self) -> Bool[Array, ""]:
         """Whether `result` is `successful`."""
         return self.result == RESULTS.successful
-
-
-def int_array(x: Any) -> Int[Array, ""]:
-    return jnp.asarray(x, dtype=jnp.int32)
