@@ -1,19 +1,10 @@
 """Small PyTree helpers shared by the solvers and adjoints."""
 
-from typing import Any
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
-
-
-def tree_cast(tree: PyTree, dtype: Any) -> PyTree:
-    """Casts every floating leaf of `tree` to `dtype` (`None`: leave unchanged)."""
-    if dtype is None:
-        return tree
-    return jtu.tree_map(lambda x: x.astype(dtype), tree)
 
 
 def tree_cast_like(tree: PyTree, like: PyTree) -> PyTree:
@@ -99,11 +90,6 @@ def stop_gradient_inexact(tree: PyTree) -> PyTree:
 def tree_scale(a: float, tree: PyTree) -> PyTree:
     """`a * tree`, leafwise (a Python scalar keeps each leaf's dtype)."""
     return jtu.tree_map(lambda x: a * x, tree)
-
-
-def tree_div(tree: PyTree, a: float) -> PyTree:
-    """`tree / a`, leafwise, with `a` in each leaf's dtype."""
-    return jtu.tree_map(lambda x: x / jnp.asarray(a, x.dtype), tree)
 
 
 def tree_add(x: PyTree, y: PyTree) -> PyTree:
