@@ -7,6 +7,7 @@ browser check needs Chromium (Debian package `chromium`, which `.ci/run` install
 """
 
 import importlib.util
+import inspect
 import os
 import pathlib
 import re
@@ -68,8 +69,17 @@ def test_every_public_name_is_documented(site):
     import revdeq_jax.nn as rnn
 
     html = "".join(p.read_text() for p in (site / "api").rglob("index.html"))
-    names = [f"revdeq_jax.{n}" for n in dir(rdeq) if not n.startswith("_") and n != "nn"]
-    names += [f"revdeq_jax.nn.{n}" for n in dir(rnn) if not n.startswith("_")]
+
+    def public(module):
+        # The names `__init__.py` re-exports (`X as X`): everything but modules and dunders.
+        return [
+            f"{module.__name__}.{n}"
+            for n, obj in vars(module).items()
+            if not n.startswith("_") and not inspect.ismodule(obj)
+        ]
+
+    names = public(rdeq) + public(rnn)
+    assert "revdeq_jax.fixed_point" in names and "revdeq_jax.nn.WeightNorm" in names
     missing = [n for n in names if f'id="{n}"' not in html]
     assert not missing, f"no API entry for {missing}"
 
@@ -124,6 +134,9 @@ def test_page_renders_maths_and_code(site, page, text):
     untypeset = [m for m in math if "<mjx-container" not in m]
     assert not untypeset, f"{page}: {len(untypeset)} formulas left as TeX, e.g. {untypeset[0]!r}"
     assert "<svg" in dom and 'jax="SVG"' in dom
-    # Code blocks are there and highlighted by Pygments.
-    assert re.search(r'<div class="language-python highlight"><pre>', dom), f"{page}: no code"
-    assert '<span class="kn">import</span>' in dom or '<span class="n">' in dom
+    # Code blocks are there, highlighted by Pygments, and Material's JavaScript ran (it
+    # adds the copy button to each).
+    blocks = re.findall(r'<div class="highlight"><pre id="__code_\d+">(.*?)</pre>', dom, re.S)
+    assert blocks, f"{page}: no code block"
+    assert all('<span class="' in b for b in blocks), f"{page}: a code block is not highlighted"
+    assert all("md-code__button" in b for b in blocks), f"{page}: Material's JS did not run"
