@@ -44,8 +44,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -n auto -m "slow or not slow"
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests experiments benchmarks examples
-	$(PY) -m ruff format --check src tests experiments benchmarks examples
+	$(PY) -m ruff check src tests experiments benchmarks examples docs
+	$(PY) -m ruff format --check src tests experiments benchmarks examples docs
 
 format: $(STAMP)
 	$(PY) -m ruff format src tests experiments benchmarks examples

@@ -4,7 +4,7 @@ An encoder computes the input injection `x`, one equilibrium layer `z* = f(z*, x
 a stack of layers, and a linear head reads out the fixed point. `rdeq.DEQ` is an ordinary
 `eqx.Module` field: it acts on one example (vmap it, like `eqx.nn.Linear`), and its
 defaults are the reversible solver with the exact state and the reversible adjoint, so the
-gradient is the exact gradient of the forward pass in memory constant in the solver steps.
+gradient is the exact gradient of the forward pass, computed without storing the iterates.
 
     python examples/deq_in_a_model.py
 """
@@ -67,8 +67,8 @@ opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
 for step in range(20):
     model, opt_state, loss, sol = train_step(model, opt_state, inputs, targets)
     if step % 5 == 0 or step == 19:
+        mean_steps, max_steps = float(jnp.mean(sol.num_steps)), int(jnp.max(sol.num_steps))
         print(
-            f"step {step:2d}  loss {float(loss):.4f}  "
-            f"solver steps {float(jnp.mean(sol.num_steps)):.1f} (max {int(jnp.max(sol.num_steps))})  "
-            f"residual {float(jnp.max(sol.residual)):.1e}"
+            f"step {step:2d}  loss {float(loss):.4f}  solver steps {mean_steps:.1f} "
+            f"(max {max_steps})  residual {float(jnp.max(sol.residual)):.1e}"
         )

@@ -32,8 +32,9 @@ class Layer(eqx.Module):
 
 def gradient(layer, x, solver, adjoint, steps):
     def loss(layer, x):
-        sol = rdeq.fixed_point(layer, jnp.zeros_like(x), x, solver=solver, adjoint=adjoint,
-                               max_steps=steps, tol=0.0)  # tol=0: exactly `steps` steps
+        sol = rdeq.fixed_point(
+            layer, jnp.zeros_like(x), x, solver=solver, adjoint=adjoint, max_steps=steps, tol=0.0
+        )  # tol=0: exactly `steps` steps
         return jnp.sum(jnp.sin(sol.value))
 
     grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(layer, x)
@@ -60,13 +61,16 @@ print(f"float64 state, 8 steps: reversible vs unrolled  {rel_error(rev, unrolled
 beta, steps = 0.8, 48
 with jax.enable_x64(True):
     layer64 = jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, layer)
-    reference = gradient(layer64, x.astype(jnp.float64), rdeq.Reversible(beta),
-                         rdeq.UnrolledAdjoint(), steps)
+    reference = gradient(
+        layer64, x.astype(jnp.float64), rdeq.Reversible(beta), rdeq.UnrolledAdjoint(), steps
+    )
 for state in ["auto", jnp.float64]:
     reports = []
     adjoint = rdeq.ReversibleAdjoint(on_mismatch="ignore", report=reports.append)
     g = gradient(layer, x, rdeq.Reversible(beta, state_dtype=state), adjoint, steps)
     jax.effects_barrier()
     name = "exact (auto)" if state == "auto" else "float64"
-    print(f"{name:>12} state, {steps} steps at beta={beta}: gradient error "
-          f"{rel_error(g, reference):.1e}, z0 rebuilt to within {float(reports[-1]['abs']):.1e}")
+    print(
+        f"{name:>12} state, {steps} steps at beta={beta}: gradient error "
+        f"{rel_error(g, reference):.1e}, z0 rebuilt to within {float(reports[-1]['abs']):.1e}"
+    )
