@@ -44,8 +44,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -n auto -m "slow or not slow"
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests experiments benchmarks examples docs
-	$(PY) -m ruff format --check src tests experiments benchmarks examples docs
+	$(PY) -m ruff check src tests experiments benchmarks examples docs/_hooks.py docs/_griffe_equinox.py
+	$(PY) -m ruff format --check src tests experiments benchmarks examples docs/_hooks.py docs/_griffe_equinox.py
 
 format: $(STAMP)
 	$(PY) -m ruff format src tests experiments benchmarks examples

@@ -23,6 +23,9 @@ def test_example_runs(path):
         [str(ROOT / "src"), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
     env["JAX_PLATFORMS"] = "cpu"
+    # Single-threaded Eigen in each example: the suite runs on every core already (xdist), and
+    # oversubscribed threads starve the collective tests running beside these.
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false".strip()
     result = subprocess.run(
         [sys.executable, "-W", "error::RuntimeWarning", str(path)],
         cwd=ROOT,
