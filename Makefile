@@ -1,6 +1,7 @@
 # revdeq_jax: every target installs what it needs into .venv on first use.
 #   make test            fast test suite (what CI runs)
 #   make train-wikitext  the main job: RevDEQ transformer LM on WikiText
+#   make docs            build the documentation site into site/ (make docs-serve: preview)
 PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -16,19 +17,19 @@ DATA_FLAG := $(if $(DATA_DIR),--data-dir=$(DATA_DIR),)
 LM_DATA := $(or $(DATA_DIR),$(wildcard ../shared/data/wikitext-2-raw))
 LM_DATA_FLAG := $(if $(LM_DATA),--data-dir=$(LM_DATA),)
 
-.PHONY: help install test test-slow test-all lint format bench smoke \
+.PHONY: help install test test-slow test-all lint format bench smoke docs docs-serve dist \
         train-wikitext eval-wikitext compare-wikitext train-cifar eval-cifar compare-cifar clean
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
-	@echo "Targets: install test test-slow test-all lint format bench smoke"
+	@echo "Targets: install test test-slow test-all lint format bench smoke docs docs-serve dist"
 	@echo "         train-wikitext eval-wikitext compare-wikitext train-cifar eval-cifar compare-cifar"
 	@echo "Variables: CONFIG=$(CONFIG) DATA_DIR=<dir> RUNS=$(RUNS) TRAIN_FLAGS=--resume|--overwrite"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,experiments]"
+	$(PY) -m pip install --quiet -e ".[dev,experiments,docs]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -43,12 +44,27 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -n auto -m "slow or not slow"
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests experiments benchmarks
-	$(PY) -m ruff format --check src tests experiments benchmarks
+	$(PY) -m ruff check src tests experiments benchmarks examples docs/_hooks.py docs/_griffe_equinox.py
+	$(PY) -m ruff format --check src tests experiments benchmarks examples docs/_hooks.py docs/_griffe_equinox.py
 
 format: $(STAMP)
-	$(PY) -m ruff format src tests experiments benchmarks
-	$(PY) -m ruff check --fix src tests experiments benchmarks
+	$(PY) -m ruff format src tests experiments benchmarks examples
+	$(PY) -m ruff check --fix src tests experiments benchmarks examples
+
+# The documentation site (mkdocs-material + mkdocstrings); --strict fails on any broken
+# reference, missing page or snippet. MathJax comes from a PyPI package: nothing is fetched.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
+
+# Wheel and sdist into dist/, checked with twine.
+dist: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[release]"
+	rm -rf dist
+	$(PY) -m build
+	$(PY) -m twine check --strict dist/*
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.adjoints --out benchmarks/results
@@ -73,4 +89,4 @@ compare-cifar: $(STAMP)
 	$(PY) -m experiments.vision.compare $(DATA_FLAG)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site dist

@@ -36,7 +36,8 @@ largest element's binade, `fn`'s output is rounded to within half of one, and re
 **exact to the bit whenever the re-evaluation is within 7.5 ulps** (of that binade) of the
 forward's value, element by element. The rounding is the price: it applies to every
 element of the leaf at the resolution of its largest, which for the leaf's small
-elements is coarser than `fn`'s own rounding (the README gives measured gradient errors).
+elements is coarser than `fn`'s own rounding (`benchmarks/results/precision.md` gives
+measured gradient errors).
 For the same tolerance, each guard bit more halves the rounding. A re-evaluation further
 off is not silently absorbed: the reconstruction of `z0` then misses (with overwhelming
 probability), which
