@@ -42,6 +42,14 @@ BLOCKS = {
         lambda key: rdeq.nn.ConvResidualLayer(16, 2, groups=4, key=key),
         (16, 8, 8),
     ),
+    # A narrow attention layer on a short sequence: under a per-example `jax.vmap` XLA
+    # compiles its backward re-evaluation to other bits than the forward's (measured on
+    # CPU), the case the exact state's lattice is for.
+    "attention-small": (
+        "`nn.EquilibriumTransformerLayer` (eq. 7): dim 16, 2 heads, MLP ratio 2, seq 6",
+        lambda key: rdeq.nn.EquilibriumTransformerLayer(16, 2, 2, key=key),
+        (6, 16),
+    ),
     "mlp": (
         "contractive MLP, dim 256",
         lambda key: MLPBlock(256, key=key),

@@ -310,6 +310,8 @@ def summary(data) -> list[str]:
         if r["temp_ratio"] > GOAL["memory"]
     ]
     per_buf = [r["extra_temp_per_extra_buffer"] for _, r in ratios]
+    batched_buf = [r["extra_temp_per_extra_buffer"] for _, r in ratios if r["layout"] == "batched"]
+    broken = [f"{n}/{r['layout']}/β={r['beta']}" for n, r in ratios if not r["grad_rel_diff"] < 1]
     rows = [r for b in data["blocks"].values() for r in b["rows"]]
     copies = sorted({r["buffer_copies"] for r in rows})
     bits = {
@@ -335,8 +337,9 @@ def summary(data) -> list[str]:
             f"{b1:.1f} instead of {b0:.1f} bits per element per step at β={beta}"
             for (beta, b1), (_, b0) in zip(bits[NEW], bits[OLD])
         )
-        + f". The extra temp memory is ×{h.span(per_buf)} the extra buffer size, so "
-        "the compiled program keeps more than one buffer's worth live: in the backward "
+        + f". The extra temp memory is ×{h.span(per_buf)} the extra buffer size (×"
+        f"{h.span(batched_buf)} with one solve per batch), so the compiled program "
+        "keeps up to two buffers' worth live: in the backward "
         "`while` body XLA copies each buffer (`copy(copy(...))` of the loop carry) before "
         "the `dynamic-update-slice` that writes the popped word back, instead of updating "
         f"it in place ({'/'.join(map(str, copies))} whole-buffer `copy` instructions per "
@@ -348,6 +351,14 @@ def summary(data) -> list[str]:
         "counter instead of writing consumed words back) would avoid the copies in both "
         "states; fewer guard bits (`guard_bits=2`: tolerance 1.5 ulps) shrink the digits.",
     ]
+    if broken:
+        out.append(
+            f"- **Not exact at {', '.join(broken)}**: the gradients disagree or are "
+            "non-finite there (grad diff), i.e. the reversal failed for at least one state. "
+            "`precision.md` (per-example `vmap` rows) shows what the backward pass reported "
+            "on that block: re-evaluations of `fn` beyond the lattice's tolerance, flagged "
+            "as mismatches (with the default `on_mismatch='raise'` the gradient is refused)."
+        )
     return out
 
 

@@ -201,6 +201,11 @@ def write_markdown(data, path) -> None:
         "again to differentiate it; with 4 reversible steps (8 evaluations forward, 8 "
         "evaluations and 8 VJPs backward) and a 50304-way softmax head dominating a step "
         "at this size, that is a modest share.",
+        f"- Noise: the interquartile range of the plain step is "
+        f"{base['time']['q25_ms']:.0f}–{base['time']['q75_ms']:.0f} ms (shared machine, "
+        f"load {h.fmt_load(data['meta']['load_start'])} at start): read the ratios to "
+        "about ±15%, and differences smaller than that (including the order of the JR "
+        "rows among themselves) as noise. Compiled memory is exact.",
         f"- Letting the gradient flow into `z*` too (1 probe) costs "
         f"×{rows['jr1-through-solve']['time_ratio']:.2f}. Compiled temp memory: "
         + ", ".join(f"{n} {r['memory']['temp_mib']:.0f} MiB" for n, r in rows.items())

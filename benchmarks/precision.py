@@ -89,7 +89,7 @@ class Settings:
     same_refs_for: tuple[str, ...] = ("bfloat16",)
     timing: h.Timing = h.Timing(max_rounds=7, round_budget_s=45.0)
     # Per-example vmap rows (fn float32): one program per (block, beta, steps, state).
-    vmap_blocks: tuple[str, ...] = ("attention", "conv")
+    vmap_blocks: tuple[str, ...] = ("attention", "conv", "attention-small", "mlp")
     vmap_betas: tuple[float, ...] = (0.8, 0.9)
     vmap_steps: tuple[int, ...] = (16, 64)
     vmap_states: tuple[str, ...] = ("exact", "exact-nolattice", "float64")
@@ -317,10 +317,6 @@ def run_block(name: str, settings: Settings, key, bar) -> dict[str, Any]:
             bar.update()
         del programs
 
-    vmap_rows = []
-    if name in settings.vmap_blocks:
-        vmap_rows = per_example_rows(name, block32, xs32, settings, compiler, reports, bar)
-
     return {
         "description": description,
         "example_shape": list(shape),
@@ -328,16 +324,20 @@ def run_block(name: str, settings: Settings, key, bar) -> dict[str, Any]:
         "state_elements": settings.batch * math.prod(shape),
         "num_params": h.num_params(block32),
         "rows": rows,
-        "vmap_rows": vmap_rows,
         "compiles": compiler.log,
         "compile_s": compiler.total_s,
         "wall_s": time.perf_counter() - block_start,
     }
 
 
-def per_example_rows(name, block, xs, settings: Settings, compiler, reports, bar):
+def per_example_rows(name, settings: Settings, key, bar) -> dict[str, Any]:
     """Each example solved on its own under `jax.vmap` (fn float32): one program per
     (beta, steps, state), as a user's vmapped train step would be."""
+    start = time.perf_counter()
+    description, _, shape = blocks_lib.BLOCKS[name]
+    block, xs, _ = blocks_lib.make(name, settings.batch, key=key)
+    compiler = h.Compiler()
+    reports = h.Reports()
     params, static = eqx.partition(block, eqx.is_inexact_array)
     steps = settings.vmap_steps
     rows = []
@@ -361,7 +361,14 @@ def per_example_rows(name, block, xs, settings: Settings, compiler, reports, bar
                 row["memory"] = h.memory_of(compiled)
                 rows.append(row)
                 bar.update()
-    return rows
+    return {
+        "description": description,
+        "example_shape": list(shape),
+        "num_params": h.num_params(block),
+        "rows": rows,
+        "compile_s": compiler.total_s,
+        "wall_s": time.perf_counter() - start,
+    }
 
 
 def side_random_z0(settings: Settings, key, bar) -> dict[str, Any] | None:
@@ -423,7 +430,7 @@ def count_tasks(settings: Settings) -> int:
         per_block += len(settings.fn_dtypes)
     vmap = len(settings.vmap_betas) * (1 + len(settings.vmap_steps) * len(settings.vmap_states))
     total = per_block * len(settings.blocks)
-    total += vmap * len([b for b in settings.blocks if b in settings.vmap_blocks])
+    total += vmap * len(settings.vmap_blocks)
     return total + (2 if settings.side_steps and settings.side_block in settings.blocks else 0)
 
 
@@ -448,12 +455,22 @@ def run(args) -> dict[str, Any]:
     with tqdm(total=count_tasks(settings), desc="precision") as bar:
         for name, key in zip(settings.blocks, keys):
             results[name] = run_block(name, settings, key, bar)
+        vmap = {}
+        for i, name in enumerate(settings.vmap_blocks):
+            # the main grid's block where there is one
+            kb = (
+                keys[settings.blocks.index(name)]
+                if name in settings.blocks
+                else jax.random.fold_in(jax.random.key(settings.seed), 2 + i)
+            )
+            vmap[name] = per_example_rows(name, settings, kb, bar)
         side = None
         if settings.side_block in settings.blocks:
             kb = keys[settings.blocks.index(settings.side_block)]  # the main grid's block
             kz = jax.random.fold_in(jax.random.key(settings.seed), 1)
             side = side_random_z0(settings, (kb, kz), bar)
-    compile_s = sum(b["compile_s"] for b in results.values()) + (side["compile_s"] if side else 0)
+    compile_s = sum(b["compile_s"] for b in [*results.values(), *vmap.values()])
+    compile_s += side["compile_s"] if side else 0
     return {
         "meta": {"compile_s": compile_s},
         "settings": {**dataclasses.asdict(settings), "quick": args.quick},
@@ -463,6 +480,7 @@ def run(args) -> dict[str, Any]:
         },
         "exact_tolerance_ulps": {s: STATES[s].tolerance_ulps() for s in EXACT_STATES},
         "blocks": results,
+        "vmap": vmap,
         "side_random_z0": side,
     }
 
@@ -584,8 +602,8 @@ def vmap_table(data) -> list[str]:
         + " |",
         "|---|---|---:|" + "---:|---:|" * len(states),
     ]
-    for name, blk in data["blocks"].items():
-        idx = {(r["beta"], r["state"], r["steps"]): r for r in blk.get("vmap_rows", [])}
+    for name, blk in data.get("vmap", {}).items():
+        idx = {(r["beta"], r["state"], r["steps"]): r for r in blk["rows"]}
         for b in s["vmap_betas"]:
             for n in s["vmap_steps"]:
                 cells = []
@@ -682,7 +700,7 @@ def summary(data) -> list[str]:
     s = data["settings"]
     out = []
     # The per-example vmap rows: the case the lattice was built for.
-    vrows = [r for blk in data["blocks"].values() for r in blk.get("vmap_rows", [])]
+    vrows = [r for blk in data.get("vmap", {}).values() for r in blk["rows"]]
     if vrows:
         parts = []
         for st in s["vmap_states"]:
@@ -693,7 +711,7 @@ def summary(data) -> list[str]:
                 f"{flagged} of {len(rs)} configurations"
             )
         out += [
-            "- **Per-example `jax.vmap`** (attention and conv, β "
+            f"- **Per-example `jax.vmap`** ({', '.join(data['vmap'])}, β "
             f"{', '.join(map(str, s['vmap_betas']))}, {', '.join(map(str, s['vmap_steps']))}"
             " steps): " + "; ".join(parts) + ".",
         ]
@@ -829,6 +847,14 @@ def write_markdown(data, path) -> None:
         "",
         *vmap_table(data),
         "",
+        "Blocks: "
+        + "; ".join(
+            f"**{name}**: {v['description']}, {v['num_params']} parameters"
+            for name, v in data.get("vmap", {}).items()
+        )
+        + f", batch {s['batch']}. Gradient error against the float64 unrolled gradient of "
+        "the same per-example solves.",
+        "",
         "## Headline: gradient error",
         "",
     ]
@@ -947,7 +973,8 @@ def plot(data, path) -> None:
     s = data["settings"]
     cols = [(name, fn) for fn in s["fn_dtypes"] for name in data["blocks"]]
     betas = s["betas"]
-    has_vmap = any(blk.get("vmap_rows") for blk in data["blocks"].values())
+    vmap = data.get("vmap", {})
+    has_vmap = bool(vmap)
     nrows = len(betas) + has_vmap
     fig, axes = plt.subplots(
         nrows, len(cols), figsize=(max(10.0, 4.2 * len(cols)), 3.4 * nrows + 1.4), squeeze=False
@@ -970,26 +997,28 @@ def plot(data, path) -> None:
             if j == 0:
                 ax.set_ylabel("grad rel. error (worst leaf)")
     if has_vmap:
-        # Last row: per-example vmap, one panel per (block, beta), fn float32.
-        panels = [(n, b) for n in data["blocks"] for b in s["vmap_betas"]][: len(cols)]
+        # Last row: per-example vmap, one panel per block (both betas), fn float32.
+        panels = list(vmap)[: len(cols)]
         for j in range(len(cols)):
             ax = axes[-1, j]
             if j >= len(panels):
                 ax.axis("off")
                 continue
-            name, b = panels[j]
-            vidx = {
-                (r["beta"], r["state"], r["steps"]): r
-                for r in data["blocks"][name].get("vmap_rows", [])
-            }
+            vidx = {(r["beta"], r["state"], r["steps"]): r for r in vmap[panels[j]]["rows"]}
             series = [
-                (st, [vidx[(b, st, n)]["grad_err"] for n in s["vmap_steps"]], dict(**STYLE[st]))
+                (
+                    f"{st}, β={b}" if k else st,
+                    [vidx[(b, st, n)]["grad_err"] for n in s["vmap_steps"]],
+                    dict(**STYLE[st]) | ({"ls": "--", "alpha": 0.6} if k else {}),
+                )
                 for st in s["vmap_states"]
+                for k, b in enumerate(s["vmap_betas"])
                 if all((b, st, n) in vidx for n in s["vmap_steps"])
             ]
             plot_series(ax, s["vmap_steps"], series)
             h.log_axes(ax, s["vmap_steps"], xlabel="steps")
-            ax.set_title(f"{name}, per-example vmap, fn float32, β={b}", fontsize=10)
+            betas_text = " (solid), ".join(map(str, s["vmap_betas"])) + " (dashed)"
+            ax.set_title(f"{panels[j]}, per-example vmap, β={betas_text}", fontsize=9)
     handles, labels = [], []
     for ax in axes.flat:
         for hd, lab in zip(*ax.get_legend_handles_labels()):
