@@ -69,6 +69,8 @@ dist: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.adjoints --out benchmarks/results
 	$(PY) -m benchmarks.precision --out benchmarks/results
+	$(PY) -m benchmarks.exact --out benchmarks/results
+	$(PY) -m benchmarks.jacobian --out benchmarks/results
 
 train-wikitext: $(STAMP)
 	$(PY) -m experiments.language.train --config=$(CONFIG) $(LM_DATA_FLAG) --workdir=$(RUNS)/wikitext-$(CONFIG) $(TRAIN_FLAGS)

@@ -2,7 +2,8 @@
 
     python -m benchmarks.adjoints [--quick] [--out benchmarks/results]
 
-For three equilibrium blocks (attention, conv + GroupNorm, MLP; `benchmarks/blocks.py`),
+For three equilibrium blocks (the library's `nn.EquilibriumTransformerLayer` and
+`nn.ConvResidualLayer`, and a contractive MLP; `benchmarks/blocks.py`),
 batched with `jax.vmap`, at several `max_steps` (`tol=0`, so every solve runs all its
 steps), and for each way of differentiating the solve, it measures
 
@@ -13,13 +14,14 @@ steps), and for each way of differentiating the solve, it measures
 * the relative error of the gradient (parameters and input) against the gradient of the
   same computation unrolled in float64 (`UnrolledAdjoint`, block cast to float64, inside
   `jax.enable_x64(True)`);
-* `revdeq_jax.reconstruction_error` for the reversible configurations;
+* for the reversible configurations, the deviation of the rebuilt initial state reported
+  by the gradient's own backward pass (`ReversibleAdjoint(report=...)`);
 * forward evaluations (`sol.nfe`) and backward evaluations;
 
 plus, in the same interleaved rounds, the cost `f` of one batched evaluation of the block
 and `b` of one VJP of it, for the cost model `(4f + 2b) / (2f + 2b)` of
 `ReversibleAdjoint` relative to `UnrolledAdjoint`; the same costs inside a `lax.scan`
-body (loop overhead; for the conv block also written channels-first); and, at one step
+body (loop overhead); and, at one step
 count, the solve `vmap`ped per example against one solve of the whole batch.
 
 Writes `adjoints.md`, `adjoints.json` and `adjoints.png` into `--out`;
@@ -27,13 +29,8 @@ Writes `adjoints.md`, `adjoints.json` and `adjoints.png` into `--out`;
 fewer rounds and no side measurements. Compiling ~100 programs is most of the run time.
 """
 
-import argparse
 import dataclasses
-import datetime
-import json
 import math
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,10 +45,7 @@ from tqdm.auto import tqdm
 
 import revdeq_jax as rdeq
 
-from . import blocks as blocks_lib
-
-
-MiB = 2.0**20
+from . import _harness as h, blocks as blocks_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,26 +54,18 @@ class Settings:
     blocks: tuple[str, ...] = ("attention", "conv", "mlp")
     batch: int = 8
     beta: float = 0.5
-    max_rounds: int = 9  # interleaved timing rounds per block (at most)
-    min_rounds: int = 3
-    round_budget_s: float = 40.0  # timing time per block; fewer rounds if exceeded
-    min_sample_s: float = 0.02  # fast calls are repeated so a sample lasts this long
+    timing: h.Timing = h.Timing()  # interleaved rounds per block
     chain: int = 8  # evaluations per measurement of f and b
     side_steps: int = 16  # steps of the vmap-vs-batched-fn side experiment
     side_experiment: bool = True
-    conv_layouts: bool = True  # measure a channels-first conv inside loops
     micro: tuple[str, ...] | None = None  # which f/b programs (None: all)
     seed: int = 0
 
 
 QUICK = Settings(
     steps=(4, 16),
-    max_rounds=3,
-    min_rounds=2,
-    round_budget_s=8.0,
-    min_sample_s=0.01,
+    timing=h.QUICK_TIMING,
     side_experiment=False,
-    conv_layouts=False,
     micro=("f_chain", "fb_chain", "f_scan", "fb_scan"),
 )
 
@@ -90,14 +76,21 @@ class AdjointSpec:
     label: str
     solver: Callable[[float], rdeq.AbstractSolver]
     adjoint: rdeq.AbstractAdjoint
-    reversible: bool  # has a reconstruction error
+    reversible: bool  # its backward pass reports its reconstruction
 
 
+def _float32(beta):
+    return rdeq.Reversible(beta, state_dtype=jnp.float32)
+
+
+# Every adjoint differentiates the same forward iteration with a float32 state, except the
+# reversible rows with another state. The reversible rows' adjoint is replaced by one
+# that records the backward pass's report and never raises (`harness.Reports`).
 ADJOINTS = (
     AdjointSpec(
         "reversible",
         "ReversibleAdjoint (f32 state)",
-        lambda beta: rdeq.Reversible(beta),
+        _float32,
         rdeq.ReversibleAdjoint(),
         True,
     ),
@@ -109,30 +102,37 @@ ADJOINTS = (
         True,
     ),
     AdjointSpec(
+        "reversible_exact",
+        "ReversibleAdjoint (exact state, the default)",
+        lambda beta: rdeq.Reversible(beta, state_dtype=rdeq.ExactState()),
+        rdeq.ReversibleAdjoint(),
+        True,
+    ),
+    AdjointSpec(
         "unrolled",
         "UnrolledAdjoint",
-        lambda beta: rdeq.Reversible(beta),
+        _float32,
         rdeq.UnrolledAdjoint(),
         False,
     ),
     AdjointSpec(
         "checkpoint",
         "CheckpointAdjoint",
-        lambda beta: rdeq.Reversible(beta),
+        _float32,
         rdeq.CheckpointAdjoint(),
         False,
     ),
     AdjointSpec(
         "implicit",
         "ImplicitAdjoint (Anderson bwd, tol 1e-6, <=30)",
-        lambda beta: rdeq.Reversible(beta),
+        _float32,
         rdeq.ImplicitAdjoint(),
         False,
     ),
     AdjointSpec(
         "phantom",
         "PhantomAdjoint (JFB, 1 step)",
-        lambda beta: rdeq.Reversible(beta),
+        _float32,
         rdeq.PhantomAdjoint(),
         False,
     ),
@@ -143,15 +143,6 @@ ADJOINTS = (
 # The programs that are measured.
 
 
-class Batched(eqx.Module):
-    """`fn(z, x)` of a whole batch: the block `jax.vmap`ped inside `fn`."""
-
-    block: eqx.Module
-
-    def __call__(self, z, x):
-        return jax.vmap(self.block)(z, x)
-
-
 def make_loss(static, target, solver, adjoint, steps: int, *, batched_fn: bool = False):
     """`loss(params, xs) -> (loss, nfe)`: mean squared distance of the fixed point from a
     fixed target. The solve is `jax.vmap`ped over the batch (each example its own solve),
@@ -160,7 +151,7 @@ def make_loss(static, target, solver, adjoint, steps: int, *, batched_fn: bool =
     def loss(params, xs):
         block = eqx.combine(params, static)
         if batched_fn:
-            fn = Batched(block)
+            fn = h.Batched(block)
             sol = rdeq.fixed_point(
                 fn,
                 jnp.zeros_like(xs),
@@ -194,41 +185,11 @@ def grad_fn(loss):
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
 
 
-def memory_of(compiled) -> dict[str, float]:
-    m = compiled.memory_analysis()
-    out = {}
-    for field in (
-        "temp_size_in_bytes",
-        "argument_size_in_bytes",
-        "output_size_in_bytes",
-        "alias_size_in_bytes",
-        "generated_code_size_in_bytes",
-    ):
-        out[field.replace("_size_in_bytes", "_mib")] = getattr(m, field, 0) / MiB
-    return out
-
-
-def to_numpy64(tree):
-    return [np.asarray(x, np.float64) for x in jtu.tree_leaves(tree)]
-
-
-def rel_errors(grads: list[np.ndarray], ref: list[np.ndarray]) -> tuple[float, float]:
-    """(global, worst leaf) relative error: `||g - ref|| / ||ref||` over all leaves
-    together, and the largest per-leaf value."""
-    num = sum(float(np.sum(np.square(g - r))) for g, r in zip(grads, ref, strict=True))
-    den = sum(float(np.sum(np.square(r))) for r in ref)
-    per_leaf = [
-        float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-300))
-        for g, r in zip(grads, ref, strict=True)
-    ]
-    return math.sqrt(num) / max(math.sqrt(den), 1e-300), max(per_leaf)
-
-
 def reference_grads(params, static, xs, target, beta: float, steps: tuple[int, ...]):
     """Gradients of the unrolled computation in float64 (block, input and state), one
     per step count, from one compiled program."""
     with jax.enable_x64(True):
-        p64 = blocks_lib.cast_floats(params, jnp.float64)
+        p64 = h.cast_floats(params, jnp.float64)
         x64 = xs.astype(jnp.float64)
         t64 = target.astype(jnp.float64)
 
@@ -239,25 +200,7 @@ def reference_grads(params, static, xs, target, beta: float, steps: tuple[int, .
                 out.append(grad_fn(loss)(p, x)[1])
             return out
 
-        return [to_numpy64(g) for g in jax.jit(all_grads)(p64, x64)]
-
-
-def reconstruction_errors(block, xs, solver, steps: tuple[int, ...]) -> list[tuple[float, float]]:
-    """Per step count: the largest `reconstruction_error(...)["abs"]` over the batch
-    (solve `vmap`ped, as in the gradient), and that of the first example solved alone
-    (no `vmap`). One compiled program for everything."""
-
-    @eqx.filter_jit
-    def run(block, xs):
-        out = []
-        for n in steps:
-            recon = lambda x: rdeq.reconstruction_error(
-                block, jnp.zeros_like(x), x, solver=solver, max_steps=n, tol=0.0
-            )["abs"]
-            out.append((jnp.max(jax.vmap(recon)(xs)), recon(xs[0])))
-        return out
-
-    return [(float(a), float(b)) for a, b in run(block, xs)]
+        return [h.to_numpy64(g) for g in jax.jit(all_grads)(p64, x64)]
 
 
 def micro_programs(
@@ -350,14 +293,6 @@ def micro_programs(
     }
 
 
-def conv_layout_programs(xs, chain: int, key) -> dict[str, tuple[Callable, tuple]]:
-    """f and f+b, straight-line and in a `lax.scan` body, for the conv block written
-    channels-first with `eqx.nn.Conv2d` (as `revdeq_jax.nn.ConvResidualLayer` is)."""
-    only = ("f_chain", "f_scan", "fb_chain", "fb_scan")
-    nchw = blocks_lib.ConvBlockNCHW(xs.shape[-1], key=key)
-    return micro_programs(nchw, jnp.moveaxis(xs, -1, 1), chain, prefix="nchw/", only=only)
-
-
 def count_backward_evals(steps: tuple[int, ...]) -> dict[str, dict[int, dict[str, int]]]:
     """Evaluations of `fn` (`f`: primal calls under differentiation, `b`: pullbacks) made
     by the backward pass of each adjoint, counted at run time with a tiny counting `fn`.
@@ -433,69 +368,15 @@ def backward_evals(name: str, n: int, counted) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Interleaved timing.
-
-
-def time_interleaved(
-    programs: dict[str, tuple[Callable, tuple]],
-    settings: Settings,
-    rng: np.random.Generator,
-    desc: str,
-) -> dict[str, dict[str, Any]]:
-    """Round-robin timing: every round times each program once (a sample of `inner`
-    back-to-back calls, each waited for), in a fresh random order."""
-    names = list(programs)
-    inner = {}
-    est = {}
-    for name in names:  # warm up and calibrate
-        fn, args = programs[name]
-        jax.block_until_ready(fn(*args))
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        dt = time.perf_counter() - t0
-        inner[name] = int(min(50, max(1, math.ceil(settings.min_sample_s / max(dt, 1e-6)))))
-        est[name] = max(dt * inner[name], 1e-4)
-    per_round = sum(est.values())
-    rounds = int(
-        max(
-            settings.min_rounds,
-            min(settings.max_rounds, settings.round_budget_s // per_round),
-        )
-    )
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for _ in tqdm(range(rounds), desc=desc, leave=False):
-        for i in rng.permutation(len(names)):
-            name = names[i]
-            fn, args = programs[name]
-            t0 = time.perf_counter()
-            for _ in range(inner[name]):
-                jax.block_until_ready(fn(*args))
-            samples[name].append((time.perf_counter() - t0) / inner[name])
-    out = {}
-    for name in names:
-        s = np.asarray(samples[name]) * 1e3
-        out[name] = {
-            "median_ms": float(np.median(s)),
-            "q25_ms": float(np.quantile(s, 0.25)),
-            "q75_ms": float(np.quantile(s, 0.75)),
-            "min_ms": float(np.min(s)),
-            "rounds": len(s),
-            "inner": inner[name],
-        }
-    return out
-
-
-# ---------------------------------------------------------------------------------------
 # One block.
 
 
 def run_block(name: str, settings: Settings, key, bar, counted) -> dict[str, Any]:
     block_start = time.perf_counter()
     description, _, shape = blocks_lib.BLOCKS[name]
-    kb, knchw = jax.random.split(key)
-    block, xs, target = blocks_lib.make(name, settings.batch, key=kb)
+    block, xs, target = blocks_lib.make(name, settings.batch, key=key)
     params, static = eqx.partition(block, eqx.is_inexact_array)
-    num_params = sum(x.size for x in jtu.tree_leaves(params))
+    reports = h.Reports()
 
     programs: dict[str, tuple[Callable, tuple]] = {}
     rows: list[dict[str, Any]] = []
@@ -505,12 +386,15 @@ def run_block(name: str, settings: Settings, key, bar, counted) -> dict[str, Any
     for n, ref in zip(settings.steps, refs):
         for spec in ADJOINTS:
             bar.set_postfix_str(f"{name}: {spec.name}, {n} steps")
-            loss = make_loss(static, target, spec.solver(settings.beta), spec.adjoint, n)
+            tag = f"{spec.name}/{n}"
+            adjoint = reports.adjoint(tag) if spec.reversible else spec.adjoint
+            loss = make_loss(static, target, spec.solver(settings.beta), adjoint, n)
             t0 = time.perf_counter()
             compiled = jax.jit(grad_fn(loss)).lower(params, xs).compile()
             compile_s = time.perf_counter() - t0
             (_, nfe), grads = compiled(params, xs)
-            err, err_leaf = rel_errors(to_numpy64(grads), ref)
+            err = h.rel_error(h.to_numpy64(grads), ref)
+            report = reports.take(tag) if spec.reversible else None
             nfe = np.unique(np.asarray(nfe)).tolist()
             programs[f"{spec.name}/{n}"] = (compiled, (params, xs))
             rows.append(
@@ -518,26 +402,18 @@ def run_block(name: str, settings: Settings, key, bar, counted) -> dict[str, Any
                     "adjoint": spec.name,
                     "label": spec.label,
                     "steps": n,
-                    "memory": memory_of(compiled),
-                    "grad_rel_err": err,
-                    "grad_rel_err_worst_leaf": err_leaf,
+                    "memory": h.memory_of(compiled),
+                    "grad_rel_err": err["global"],
+                    "grad_rel_err_worst_leaf": err["worst_leaf"],
+                    "recon_err": None if report is None else report["abs"],
+                    "recon_mismatch": None if report is None else report["mismatch"],
+                    "drift": None if report is None else report["drift"],
                     "nfe": nfe[0] if len(nfe) == 1 else nfe,
                     "bwd_evals": backward_evals(spec.name, n, counted),
                     "compile_s": compile_s,
                 }
             )
             bar.update()
-
-    bar.set_postfix_str(f"{name}: reconstruction errors")
-    recon = {}
-    for spec in ADJOINTS:
-        if spec.reversible:
-            errs = reconstruction_errors(block, xs, spec.solver(settings.beta), settings.steps)
-            recon[spec.name] = dict(zip(settings.steps, errs))
-    for row in rows:
-        errs = recon.get(row["adjoint"], {}).get(row["steps"], (None, None))
-        row["recon_err"], row["recon_err_unbatched"] = errs
-    bar.update()
 
     # Side experiment: the solve vmapped (per-example custom-VJP backward, per-example
     # parameter cotangents) against one solve of the whole batch with a batched `fn`.
@@ -550,30 +426,26 @@ def run_block(name: str, settings: Settings, key, bar, counted) -> dict[str, Any
             static,
             target,
             spec.solver(settings.beta),
-            spec.adjoint,
+            reports.adjoint(f"batchedfn_{adj}") if spec.reversible else spec.adjoint,
             settings.side_steps,
             batched_fn=True,
         )
         compiled = jax.jit(grad_fn(loss)).lower(params, xs).compile()
         compiled(params, xs)
         programs[f"batchedfn_{adj}/{settings.side_steps}"] = (compiled, (params, xs))
-        side[adj] = {"memory": memory_of(compiled)}
+        side[adj] = {"memory": h.memory_of(compiled)}
     bar.update()
 
     bar.set_postfix_str(f"{name}: f and b")
     micro = micro_programs(block, xs, settings.chain, only=settings.micro)
-    if name == "conv" and settings.conv_layouts:
-        micro.update(conv_layout_programs(xs, settings.chain, knchw))
     programs.update(micro)
     bar.update()
     compile_phase_s = time.perf_counter() - block_start
 
-    timings = time_interleaved(
-        programs,
-        settings,
-        np.random.default_rng(settings.seed),
-        desc=f"timing {name}",
+    timings = h.time_interleaved(
+        programs, settings.timing, seed=settings.seed, desc=f"timing {name}"
     )
+    reports.clear()  # the timed calls reported too
     for row in rows:
         row["time"] = timings[f"{row['adjoint']}/{row['steps']}"]
     for adj in side:
@@ -596,16 +468,6 @@ def run_block(name: str, settings: Settings, key, bar, counted) -> dict[str, Any
         "raw_ms": micro_t,
         "chain": k,
     }
-    if "nchw/f_chain" in micro_t:
-        costs["conv_layouts"] = {
-            layout: {
-                "f_ms": get(f"{layout}/f_chain") / k,
-                "f_in_scan_ms": get(f"{layout}/f_scan") / k,
-                "fb_ms": get(f"{layout}/fb_chain") / k,
-                "fb_in_scan_ms": get(f"{layout}/fb_scan") / k,
-            }
-            for layout in ("nchw",)
-        }
     for adj in side:
         vm = next(r for r in rows if r["adjoint"] == adj and r["steps"] == settings.side_steps)
         side[adj]["vmap_time_ms"] = vm["time"]["median_ms"]
@@ -615,7 +477,7 @@ def run_block(name: str, settings: Settings, key, bar, counted) -> dict[str, Any
         "description": description,
         "example_shape": list(shape),
         "batch": settings.batch,
-        "num_params": int(num_params),
+        "num_params": h.num_params(block),
         "rows": rows,
         "costs": costs,
         "cost_model": cost_model(rows, costs, settings.steps),
@@ -642,7 +504,7 @@ def cost_model(rows, costs, steps) -> list[dict[str, Any]]:
         unr = t[("unrolled", n)]
         floor_unr = (2 * n + 1) * (f + b)
         floor_rev = (2 * n + 1) * f + 2 * n * (f + b)
-        for adj in ("reversible", "reversible_f64"):
+        for adj in ("reversible", "reversible_f64", "reversible_exact"):
             measured = t[(adj, n)]
             out.append(
                 {
@@ -670,62 +532,6 @@ def cost_model(rows, costs, steps) -> list[dict[str, Any]]:
 # Reporting.
 
 
-def fmt(x, spec=".3g") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return format(x, spec)
-
-
-def fmt_err(x) -> str:
-    if x is None:
-        return "–"
-    if not math.isfinite(x):
-        return str(x)
-    if x == 0:
-        return "0"
-    return f"{x:.1e}"
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "loadavg": load,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
-        "equinox": eqx.__version__,
-        "revdeq_jax": rdeq.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-    }
-
-
-def _span(values, fmt_spec=".2f") -> str:
-    lo, hi = min(values), max(values)
-    return (
-        f"{lo:{fmt_spec}}"
-        if f"{lo:{fmt_spec}}" == f"{hi:{fmt_spec}}"
-        else (f"{lo:{fmt_spec}}–{hi:{fmt_spec}}")
-    )
-
-
 def summary_paragraph(data) -> list[str]:
     """'What this shows', one bullet per block, written from the numbers."""
     lines = []
@@ -736,7 +542,6 @@ def summary_paragraph(data) -> list[str]:
         mem = lambda a, n: rows[(a, n)]["memory"]["temp_mib"]
         err = lambda a, n: rows[(a, n)]["grad_rel_err"]
         rec = lambda a, n: rows[(a, n)]["recon_err"]
-        rec1 = lambda a, n: rows[(a, n)].get("recon_err_unbatched")
         c = blk["costs"]
         cms = [cm for cm in blk["cost_model"] if cm["adjoint"] == "reversible"]
         parts = []
@@ -746,7 +551,9 @@ def summary_paragraph(data) -> list[str]:
             parts.append(
                 f"*Memory*: ReversibleAdjoint {mem('reversible', lo):.2f} MiB at {lo} "
                 f"steps and {mem('reversible', hi):.2f} MiB at {hi} ({grow:+.0%}; float64 "
-                f"state {mem('reversible_f64', hi):.2f} MiB); UnrolledAdjoint "
+                f"state {mem('reversible_f64', hi):.2f} MiB; exact state "
+                f"{mem('reversible_exact', lo):.2f} → {mem('reversible_exact', hi):.2f} MiB, "
+                "its information buffer growing with the steps); UnrolledAdjoint "
                 f"{mem('unrolled', lo):.2f} → {mem('unrolled', hi):.2f} MiB "
                 f"({slope:+.2f} MiB per step); CheckpointAdjoint "
                 f"{mem('checkpoint', lo):.2f} → {mem('checkpoint', hi):.2f} MiB."
@@ -765,14 +572,14 @@ def summary_paragraph(data) -> list[str]:
         ratio_loop = [cm["measured_over_predicted_in_loop"] for cm in cms]
         parts.append(
             f"*Time*: ReversibleAdjoint / UnrolledAdjoint = "
-            f"{_span([cm['measured_ms'] / cm['unrolled_ms'] for cm in cms])} against "
+            f"{h.span([cm['measured_ms'] / cm['unrolled_ms'] for cm in cms])} against "
             f"the model's {cms[0]['model_factor']:.2f} (f = {c['f_ms']:.3f} ms, b = "
-            f"{c['b_ms']:.3f} ms): measured/predicted {_span(ratio)}, {verdict} "
-            f"({_span(ratio_loop)} with f and b measured inside a loop body, model "
+            f"{c['b_ms']:.3f} ms): measured/predicted {h.span(ratio)}, {verdict} "
+            f"({h.span(ratio_loop)} with f and b measured inside a loop body, model "
             f"{cms[0]['model_factor_in_loop']:.2f}). "
             f"Against their pure evaluation cost (straight-line f and b), "
-            f"ReversibleAdjoint runs at {_span(rev_floor)}× and UnrolledAdjoint at "
-            f"{_span(unr_floor)}×."
+            f"ReversibleAdjoint runs at {h.span(rev_floor)}× and UnrolledAdjoint at "
+            f"{h.span(unr_floor)}×."
         )
         loop_f, loop_fb = c["f_scan_over_straight"], c["fb_scan_over_straight"]
         if max(loop_f, loop_fb) > 1.5:
@@ -783,31 +590,19 @@ def summary_paragraph(data) -> list[str]:
             f"*Loops*: inside a `lax.scan` body an evaluation costs {loop_f:.2f}× and a "
             f"VJP {loop_fb:.2f}× their straight-line cost: {loop_text}."
         )
-        if "conv_layouts" in c:
-            cl = c["conv_layouts"]["nchw"]
-            parts.append(
-                "Written channels-first with `eqx.nn.Conv2d` instead, the block costs "
-                f"{cl['f_in_scan_ms'] / cl['f_ms']:.1f}× (f) and "
-                f"{cl['fb_in_scan_ms'] / cl['fb_ms']:.1f}× (f + b) inside a loop body."
-            )
         parts.append(
             "*Gradient error* (vs float64 unrolled) by steps "
             f"{', '.join(map(str, steps))}: reversible float32 state "
-            + ", ".join(fmt_err(err("reversible", n)) for n in steps)
+            + ", ".join(h.fmt_err(err("reversible", n)) for n in steps)
             + "; float64 state "
-            + ", ".join(fmt_err(err("reversible_f64", n)) for n in steps)
+            + ", ".join(h.fmt_err(err("reversible_f64", n)) for n in steps)
+            + "; exact state "
+            + ", ".join(h.fmt_err(err("reversible_exact", n)) for n in steps)
             + "; unrolled float32 "
-            + ", ".join(fmt_err(err("unrolled", n)) for n in steps)
-            + ". Reconstruction error, float32 / float64 state: "
-            + ", ".join(
-                f"{fmt_err(rec('reversible', n))} / {fmt_err(rec('reversible_f64', n))}"
-                for n in steps
-            )
-            + "; the first example solved alone, without `vmap`: "
-            + ", ".join(
-                f"{fmt_err(rec1('reversible', n))} / {fmt_err(rec1('reversible_f64', n))}"
-                for n in steps
-            )
+            + ", ".join(h.fmt_err(err("unrolled", n)) for n in steps)
+            + ". Reconstruction error reported by the backward pass, float32 / float64 / "
+            "exact state: "
+            + ", ".join(" / ".join(h.fmt_err(rec(a, n)) for a in REVERSIBLE) for n in steps)
             + "."
         )
         overstated = [
@@ -842,6 +637,9 @@ def summary_paragraph(data) -> list[str]:
     return lines
 
 
+REVERSIBLE = tuple(s.name for s in ADJOINTS if s.reversible)
+
+
 NOTES = """Reading the tables:
 
 - Reversible and unrolled rows differentiate the same forward computation; checkpoint
@@ -859,24 +657,21 @@ NOTES = """Reading the tables:
 """
 
 
+def fmt_recon(row) -> str:
+    if row.get("recon_err") is None:
+        return "–"
+    return h.fmt_err(row["recon_err"]) + (" ✗" if row["recon_mismatch"] else "")
+
+
 def write_markdown(data, path: Path) -> None:
     s = data["settings"]
-    m = data["meta"]
     out = [
         "# Adjoint benchmark",
         "",
-        f"Generated by `python -m benchmarks.adjoints{' --quick' if s['quick'] else ''}`"
-        f" on {m['date']}; the run took {m['wall_s'] / 60:.1f} min.",
-        "",
-        f"- Machine: {m['machine']['cpu']}, {m['machine']['cores']} cores, backend "
-        f"`{m['machine']['backend']}`; load average (1, 5, 15 min) at start "
-        f"{fmt_load(m['load_start'])}, at end {fmt_load(m['load_end'])}. The machine is "
-        "shared: timing differences under ~15% are noise.",
-        f"- JAX {m['machine']['jax']}, jaxlib {m['machine']['jaxlib']}, Equinox "
-        f"{m['machine']['equinox']}, revdeq_jax {m['machine']['revdeq_jax']}, Python "
-        f"{m['machine']['python']}.",
+        *h.provenance(data, "adjoints"),
         f"- Batch {s['batch']} (`jax.vmap` over the solve), `Reversible(beta="
-        f"{s['beta']})` forward for every adjoint, `tol=0` (every solve runs "
+        f"{s['beta']}, state_dtype=jnp.float32)` forward for every adjoint (the "
+        "reversible rows with a float64 and the exact state aside), `tol=0` (every solve runs "
         "`max_steps` steps), loss = mean squared distance of the fixed point from a "
         "fixed random target; gradient w.r.t. all block parameters and the input.",
         "- **time**: median over interleaved rounds (every round times every "
@@ -886,8 +681,9 @@ def write_markdown(data, path: Path) -> None:
         "adjoint, are under each heading); **grad err**: ‖g − g_ref‖/‖g_ref‖ over all "
         "parameters and the input together, g_ref the gradient of the same computation "
         "unrolled in float64 (worst single leaf in the JSON); **recon**: "
-        "`reconstruction_error(...)['abs']`, worst over the batch (solve `vmap`ped as "
-        "in the gradient; the JSON also has the first example solved alone); "
+        "the deviation of the rebuilt initial state that the gradient's own backward pass "
+        "reported (`ReversibleAdjoint(report=...)`, absolute, worst over the batch; ✗ "
+        "where it flagged a mismatch; reversible rows use `on_mismatch='ignore'`); "
         "**NFE**: `sol.nfe`; "
         "**bwd**: evaluations `f` and VJPs `b` on the backward pass (reversible, "
         "unrolled and phantom by construction, checkpoint counted at run time, implicit "
@@ -910,8 +706,8 @@ def write_markdown(data, path: Path) -> None:
         for r in blk["rows"]:
             out.append(
                 f"| {r['steps']} | {r['adjoint']} | {r['time']['median_ms']:.1f} | "
-                f"{r['memory']['temp_mib']:.2f} | {fmt_err(r['grad_rel_err'])} | "
-                f"{fmt_err(r['recon_err'])} | {r['nfe']} | {r['bwd_evals']} |"
+                f"{r['memory']['temp_mib']:.2f} | {h.fmt_err(r['grad_rel_err'])} | "
+                f"{fmt_recon(r)} | {r['nfe']} | {r['bwd_evals']} |"
             )
         c = blk["costs"]
         out += [
@@ -926,36 +722,19 @@ def write_markdown(data, path: Path) -> None:
             "| | f | b | f + b | per-example b |",
             "|---|---:|---:|---:|---:|",
             f"| straight-line | {c['f_ms']:.3f} | {c['b_ms']:.3f} | "
-            f"{c['f_ms'] + c['b_ms']:.3f} | {fmt(c['b_per_example_ms'], '.3f')} |",
+            f"{c['f_ms'] + c['b_ms']:.3f} | {h.fmt(c['b_per_example_ms'], '.3f')} |",
             f"| `lax.scan` body | {c['f_in_scan_ms']:.3f} | {c['b_in_scan_ms']:.3f} | "
             f"{c['f_in_scan_ms'] + c['b_in_scan_ms']:.3f} | – |",
-            f"| one call | {fmt(c['f_single_ms'], '.3f')} | – | "
-            f"{fmt(c['fb_single_ms'], '.3f')} | – |",
+            f"| one call | {h.fmt(c['f_single_ms'], '.3f')} | – | "
+            f"{h.fmt(c['fb_single_ms'], '.3f')} | – |",
         ]
-        if "conv_layouts" in c:
-            out += [
-                "",
-                "The same conv block written differently (ms per evaluation):",
-                "",
-                "| convolution | f | f in scan | f + b | f + b in scan |",
-                "|---|---:|---:|---:|---:|",
-                f"| lax.conv, NHWC (used above) | {c['f_ms']:.3f} | "
-                f"{c['f_in_scan_ms']:.3f} | {c['f_ms'] + c['b_ms']:.3f} | "
-                f"{c['f_in_scan_ms'] + c['b_in_scan_ms']:.3f} |",
-            ]
-            for layout, label in (("nchw", "lax.conv, NCHW (eqx.nn.Conv2d)"),):
-                d = c["conv_layouts"][layout]
-                out.append(
-                    f"| {label} | {d['f_ms']:.3f} | {d['f_in_scan_ms']:.3f} | "
-                    f"{d['fb_ms']:.3f} | {d['fb_in_scan_ms']:.3f} |"
-                )
         cm0 = blk["cost_model"][0]
         out += [
             "",
             "Cost model: ReversibleAdjoint ≈ (4f+2b)/(2f+2b) × UnrolledAdjoint. Factor "
             f"{cm0['model_factor']:.2f} from straight-line f and b (the model asked "
             f"for), {cm0['model_factor_in_loop']:.2f} from f and b inside a loop body, "
-            f"{fmt(cm0['model_factor_per_example_b'], '.2f')} with per-example b. Floor "
+            f"{h.fmt(cm0['model_factor_per_example_b'], '.2f')} with per-example b. Floor "
             "= pure evaluation cost from straight-line f and b: reversible (2N+1)f + "
             "2N(f+b), unrolled (2N+1)(f+b).",
             "",
@@ -971,7 +750,7 @@ def write_markdown(data, path: Path) -> None:
                 f"{cm['measured_ms'] / cm['unrolled_ms']:.2f} | "
                 f"{cm['measured_over_predicted']:.2f} | "
                 f"{cm['measured_over_predicted_in_loop']:.2f} | "
-                f"{fmt(cm['measured_over_predicted_per_example_b'], '.2f')} | "
+                f"{h.fmt(cm['measured_over_predicted_per_example_b'], '.2f')} | "
                 f"{cm['measured_over_floor']:.2f} | {cm['unrolled_over_floor']:.2f} |"
             )
         side = blk.get("vmap_vs_batched_fn")
@@ -1000,10 +779,6 @@ def write_markdown(data, path: Path) -> None:
         ]
     out += ["## What this shows", "", *summary_paragraph(data), ""]
     path.write_text("\n".join(out))
-
-
-def fmt_load(load) -> str:
-    return "n/a" if load is None else ", ".join(f"{x:.1f}" for x in load)
 
 
 def plot(data, path: Path) -> None:
@@ -1053,85 +828,38 @@ def plot(data, path: Path) -> None:
     plt.close(fig)
 
 
-def jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
-        return x if math.isfinite(x) else str(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
-def from_json(x):
-    """Inverse of `jsonable` for the non-finite floats it writes as strings."""
-    if isinstance(x, dict):
-        return {k: from_json(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [from_json(v) for v in x]
-    if x in ("nan", "inf", "-inf"):
-        return float(x)
-    return x
-
-
-def main(argv=None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--blocks", nargs="+", choices=list(blocks_lib.BLOCKS), default=None)
-    parser.add_argument(
-        "--steps", nargs="+", type=int, default=None, help="override max_steps values"
-    )
-    parser.add_argument(
-        "--replot",
-        action="store_true",
-        help="only rewrite adjoints.md and adjoints.png from an existing adjoints.json",
-    )
-    args = parser.parse_args(argv)
-    if args.replot:
-        data = from_json(json.loads((args.out / "adjoints.json").read_text()))
-        write_markdown(data, args.out / "adjoints.md")
-        plot(data, args.out / "adjoints.png")
-        return data
-    settings = QUICK if args.quick else Settings()
-    if args.blocks:
-        settings = dataclasses.replace(settings, blocks=tuple(args.blocks))
+def run(args) -> dict[str, Any]:
+    settings = h.choose_settings(args, Settings(), QUICK)
     if args.steps:
         settings = dataclasses.replace(
             settings, steps=tuple(args.steps), side_steps=max(args.steps)
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    start = time.perf_counter()
-    meta = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "load_start": machine_info()["loadavg"],
-    }
     counted = count_backward_evals(settings.steps)
-    per_block = len(settings.steps) * len(ADJOINTS) + 4
+    per_block = len(settings.steps) * len(ADJOINTS) + 3
     keys = jax.random.split(jax.random.key(settings.seed), len(settings.blocks))
     results = {}
     with tqdm(total=per_block * len(settings.blocks), desc="configurations") as bar:
         for name, key in zip(settings.blocks, keys):
             results[name] = run_block(name, settings, key, bar, counted)
-    meta["wall_s"] = time.perf_counter() - start
-    meta["load_end"] = machine_info()["loadavg"]
-    data = {
-        "meta": meta,
+    return {
         "settings": {**dataclasses.asdict(settings), "quick": args.quick},
         "adjoints": {s.name: s.label for s in ADJOINTS},
         "backward_eval_counts": counted,
         "blocks": results,
     }
-    (args.out / "adjoints.json").write_text(json.dumps(jsonable(data), indent=1))
-    write_markdown(data, args.out / "adjoints.md")
-    plot(data, args.out / "adjoints.png")
-    print(f"wrote {args.out}/adjoints.{{md,json,png}} in {meta['wall_s'] / 60:.1f} min")
-    return data
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--blocks", nargs="+", choices=list(blocks_lib.BLOCKS), default=None)
+    parser.add_argument(
+        "--steps", nargs="+", type=int, default=None, help="override max_steps values"
+    )
+
+
+def main(argv=None) -> dict[str, Any]:
+    return h.cli(
+        "adjoints", __doc__, run, write_markdown, plot, argv=argv, add_arguments=add_arguments
+    )
 
 
 if __name__ == "__main__":

@@ -1,81 +1,75 @@
-"""Precision study of the reversible solver's state: which `state_dtype` keeps the
-reversible gradient exact, at what depth, and what it costs.
+"""Precision study of the reversible solver's state: which state keeps the reversible
+gradient exact, at what depth, and what it costs.
 
     python -m benchmarks.precision [--quick] [--out benchmarks/results]
 
 `Reversible(beta, state_dtype=S)` with `ReversibleAdjoint()` rebuilds the forward
 trajectory backwards, and every inverse step divides by `1 - beta`, so rounding errors
-are amplified about `1/|1 - beta|` times per step. For the attention and the conv +
-GroupNorm block of `benchmarks/blocks.py` (one solve of a small batch, `fn` the block
-`jax.vmap`ped over the batch), each `beta`, each number of steps (`tol=0`: every solve
-takes exactly `max_steps` steps), each state option
+are amplified about `1/|1 - beta|` times per step. For the attention and the conv
+blocks of `benchmarks/blocks.py` (the library's `nn.EquilibriumTransformerLayer` and
+`nn.ConvResidualLayer`; one solve of a small batch, `fn` the block `jax.vmap`ped over
+the batch), each `beta`, each number of steps (`tol=0`: every solve takes exactly
+`max_steps` steps), each state option
 
-* `float32`: `state_dtype=jnp.float32` (for a float32 `fn` the default, `None`),
-* `float32x2`: two-float state, about 48 bits, no 64-bit types,
-* `float64`: float64 state and solver arithmetic (64-bit switched on only there),
-* `exact`: fixed-point int64 state plus an information buffer, bit-exact reversal,
+* `float32`: `FloatState(jnp.float32)` (for a float32 `fn` the same as `None`),
+* `float32x2`: `TwoFloatState()`, about 48 bits, no 64-bit types,
+* `float64`: `FloatState(jnp.float64)`, 64-bit switched on only around the solver,
+* `exact`: `ExactState()`, fixed-point int64 plus an information buffer, `fn`'s output
+  rounded to a lattice with 4 guard bits, so the backward pass snaps re-evaluations
+  within 7.5 ulps back onto the forward's value,
+* `exact-nolattice`: `ExactState(guard_bits=0)`, the previous exact state: exact only
+  if the backward pass re-evaluates `fn` to the same bits,
 
 and each dtype of `fn` (float32, bfloat16: block, input and `z0` cast), it measures
 
-* the reconstruction error, `rdeq.reconstruction_error(...)["rel"]`;
+* from the backward pass itself (`ReversibleAdjoint(report=...)`, `on_mismatch=
+  "ignore"`): the deviation of the rebuilt initial state, its mismatch flag, and the
+  exact state's drift (how far re-evaluations landed from the lattice point they were
+  snapped to, in lattice units);
 * the gradient error: the largest over the leaves (every block parameter and the input)
   of `||g - g_ref|| / ||g_ref||`, for the loss `sum(sin(value))`, against the gradient of
-  the same solve unrolled in float64 (`UnrolledAdjoint`, `Reversible(beta)`, block, input
-  and `z0` cast to float64 under `jax.enable_x64(True)`); for a bfloat16 `fn` also
-  against the unrolled gradient of the same bfloat16 computation with the same floating
-  state (float32 and float64 states);
+  the same solve unrolled in float64 (`UnrolledAdjoint`, block, input and `z0` cast to
+  float64 under `jax.enable_x64(True)`); for a bfloat16 `fn` also against the unrolled
+  gradient of the same bfloat16 computation with the same floating state;
 * the median time of one jitted value-and-grad step at a few step counts, timed
-  interleaved (every round times every state option once, in a fresh random order), and
-  its ratio to the float32 state measured in the same rounds;
-* compiled memory, `memory_analysis().temp_size_in_bytes`, and its ratio to float32.
+  interleaved, its ratio to the float32 state measured in the same rounds, and compiled
+  temp memory;
 
-Writes `precision.md`, `precision.json` and `precision.png` into `--out`; `--replot`
-rewrites the first and last from the JSON. `--quick` runs one `beta`, three step counts
-and fewer timing rounds (about 5 minutes). The full run compiles about 800 solves, which
-is most of its ~23 minutes on 2 shared CPU cores.
+plus **per-example `jax.vmap` rows**: each example of the batch solved on its own under
+`jax.vmap` (the setting where the previous exact state lost exactness), for `exact`,
+`exact-nolattice` and `float64`, fn float32.
+
+Writes `precision.{md,json,png}` into `--out`; `--replot` rewrites the md and png from
+the JSON. `--quick`: one `beta`, three step counts, fewer timing rounds. Most of the run
+time is compiling.
 """
 
-import argparse
 import dataclasses
-import datetime
-import json
 import math
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import numpy as np
 from tqdm.auto import tqdm
 
 import revdeq_jax as rdeq
 
-from . import blocks as blocks_lib
-from .adjoints import (
-    fmt_load,
-    from_json,
-    jsonable,
-    machine_info,
-    memory_of,
-    time_interleaved,
-    to_numpy64,
-)
+from . import _harness as h, blocks as blocks_lib
 
 
-# name -> `state_dtype` argument of `Reversible`.
+# name -> `state_dtype` of `Reversible`
 STATES: dict[str, Any] = {
-    "float32": jnp.float32,
-    "float32x2": "float32x2",
-    "float64": jnp.float64,
-    "exact": "exact",
+    "float32": rdeq.FloatState(jnp.float32),
+    "float32x2": rdeq.TwoFloatState(),
+    "float64": rdeq.FloatState(jnp.float64),
+    "exact": rdeq.ExactState(),
+    "exact-nolattice": rdeq.ExactState(guard_bits=0),
 }
-# States with a floating unrolled counterpart of the very same computation (UnrolledAdjoint
-# cannot differentiate the two-float error-free transformations meaningfully, and refuses
-# the integer arithmetic of "exact").
+EXACT_STATES = ("exact", "exact-nolattice")
+# States with a floating unrolled counterpart of the very same computation.
 SAME_REF_STATES = ("float32", "float64")
 FN_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -92,12 +86,13 @@ class Settings:
     # memory); the others are compiled together, one program per (block, fn, beta).
     timing_steps: tuple[int, ...] = (16, 64)
     timing_betas: tuple[float, ...] = (0.9,)  # timed (memory is recorded for every beta)
-    # bf16 same-computation unrolled references: their own programs, per (block, beta).
     same_refs_for: tuple[str, ...] = ("bfloat16",)
-    max_rounds: int = 7  # interleaved timing rounds per (block, fn dtype), at most
-    min_rounds: int = 3
-    round_budget_s: float = 45.0  # timing time per (block, fn dtype); fewer rounds if over
-    min_sample_s: float = 0.02  # fast calls are repeated so a sample lasts this long
+    timing: h.Timing = h.Timing(max_rounds=7, round_budget_s=45.0)
+    # Per-example vmap rows (fn float32): one program per (block, beta, steps, state).
+    vmap_blocks: tuple[str, ...] = ("attention", "conv", "attention-small", "mlp")
+    vmap_betas: tuple[float, ...] = (0.8, 0.9)
+    vmap_steps: tuple[int, ...] = (16, 64)
+    vmap_states: tuple[str, ...] = ("exact", "exact-nolattice", "float64")
     # Side measurement: the same gradient errors from a random `z0` (fn float32).
     side_block: str = "conv"
     side_beta: float = 0.8
@@ -110,10 +105,7 @@ QUICK = Settings(
     steps=(1, 4, 16),
     timing_steps=(16,),
     timing_betas=(0.8,),
-    max_rounds=3,
-    min_rounds=2,
-    round_budget_s=8.0,
-    min_sample_s=0.01,
+    timing=h.QUICK_TIMING,
     side_steps=(1, 4),
 )
 
@@ -122,105 +114,56 @@ QUICK = Settings(
 # The programs that are measured.
 
 
-class Batched(eqx.Module):
-    """`fn(z, x)` of a whole batch: the block `jax.vmap`ped inside `fn`, so that the batch
-    is one solve (one state, one backward pass)."""
-
-    block: eqx.Module
-
-    def __call__(self, z, x):
-        return jax.vmap(self.block)(z, x)
-
-
-def make_value_and_grad(static, state, beta: float, steps: int, adjoint, z0=None) -> Callable:
+def make_value_and_grad(
+    static, state, beta: float, steps: int, adjoint, z0=None, *, per_example: bool = False
+):
     """`(params, xs) -> (loss, (params_grad, xs_grad))` with `loss = sum(sin(value))`,
-    from `z0` (default zeros; an array is cast to the dtype of `xs`)."""
+    from `z0` (default zeros; an array is cast to the dtype of `xs`). One solve of the
+    whole batch (`fn` the block `vmap`ped over it), or with `per_example=True` one solve
+    per example under `jax.vmap`."""
     solver = rdeq.Reversible(beta, state_dtype=state)
 
+    def solve(fn, init, x):
+        return rdeq.fixed_point(
+            fn, init, x, solver=solver, adjoint=adjoint, max_steps=steps, tol=0.0
+        ).value
+
     def loss(params, xs):
-        fn = Batched(eqx.combine(params, static))
+        block = eqx.combine(params, static)
         init = jnp.zeros_like(xs) if z0 is None else z0.astype(xs.dtype)
-        sol = rdeq.fixed_point(
-            fn, init, xs, solver=solver, adjoint=adjoint, max_steps=steps, tol=0.0
-        )
-        value = sol.value
+        if per_example:
+            value = jax.vmap(lambda i, x: solve(block, i, x))(init, xs)
+        else:
+            value = solve(h.Batched(block), init, xs)
         return jnp.sum(jnp.sin(value.astype(jnp.promote_types(value.dtype, jnp.float32))))
 
     return jax.value_and_grad(loss, argnums=(0, 1))
 
 
-def compile_timed(fn, *args) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    return compiled, time.perf_counter() - t0
+def unrolled_grads(static, state, beta: float, steps, z0=None, *, per_example=False):
+    """One program: the unrolled gradient at every step count in `steps`."""
 
-
-def grad_leaves(out) -> tuple[float, list[np.ndarray]]:
-    loss, grads = out
-    return float(loss), to_numpy64(grads)
-
-
-def rel_error(grads: list[np.ndarray], ref: list[np.ndarray]) -> tuple[float, float]:
-    """(worst leaf, global): the largest per-leaf `||g - ref|| / ||ref||`, and the same
-    over all leaves together. NaN if any leaf is not finite."""
-    per_leaf = []
-    num = den = 0.0
-    for g, r in zip(grads, ref, strict=True):
-        if not np.all(np.isfinite(g)):
-            return math.nan, math.nan
-        d = float(np.sum(np.square(g - r)))
-        n = float(np.sum(np.square(r)))
-        per_leaf.append(math.sqrt(d) / max(math.sqrt(n), 1e-300))
-        num += d
-        den += n
-    return max(per_leaf), math.sqrt(num) / max(math.sqrt(den), 1e-300)
-
-
-def float64_reference(static64, beta: float, steps: tuple[int, ...], z0=None):
-    """One compiled program: the float64 unrolled gradient at every step count. Compiled
-    and called inside `jax.enable_x64(True)`; the caller passes float64 parameters (cast
-    from the float32 or the bfloat16 block, so one compile serves both)."""
-
-    def all_grads(p, x):
+    def run(p, x):
         return [
-            make_value_and_grad(static64, None, beta, n, rdeq.UnrolledAdjoint(), z0)(p, x)
+            make_value_and_grad(
+                static, state, beta, n, rdeq.UnrolledAdjoint(), z0, per_example=per_example
+            )(p, x)
             for n in steps
         ]
 
-    return all_grads
+    return run
 
 
-def same_precision_reference(static, beta: float, steps: tuple[int, ...], states):
-    """The unrolled gradient of the very computation the reversible gradient differentiates
-    (same `fn` dtype, same floating state), at every step count, for `states`."""
-
-    def all_grads(p, x):
-        return {
-            s: [
-                make_value_and_grad(static, STATES[s], beta, n, rdeq.UnrolledAdjoint())(p, x)
-                for n in steps
-            ]
-            for s in states
-        }
-
-    return all_grads
-
-
-def reconstruction_program(static, beta: float, steps: tuple[int, ...], states):
-    """`reconstruction_error(...)["rel"]` of every state at every step count."""
+def reversible_grads(static, beta: float, steps, states, reports, tag: str, z0=None):
+    """One program: the reversible gradient of every state at every step count, each
+    solve reporting under `f"{tag}/{state}/{n}"`."""
 
     def run(p, x):
-        fn = Batched(eqx.combine(p, static))
         return {
             s: [
-                rdeq.reconstruction_error(
-                    fn,
-                    jnp.zeros_like(x),
-                    x,
-                    solver=rdeq.Reversible(beta, state_dtype=STATES[s]),
-                    max_steps=n,
-                    tol=0.0,
-                )["rel"]
+                make_value_and_grad(
+                    static, STATES[s], beta, n, reports.adjoint(f"{tag}/{s}/{n}"), z0
+                )(p, x)
                 for n in steps
             ]
             for s in states
@@ -229,19 +172,34 @@ def reconstruction_program(static, beta: float, steps: tuple[int, ...], states):
     return run
 
 
-def bundled_gradients(static, beta: float, steps: tuple[int, ...], states, z0=None):
-    """The reversible gradient of every state at several step counts, one program."""
+def float64_reference(compiler, block, xs, beta, steps, z0=None, *, per_example=False):
+    """The float64 unrolled gradients (block, input, `z0` and state in float64)."""
+    with jax.enable_x64(True):
+        params, static = eqx.partition(h.cast_floats(block, jnp.float64), eqx.is_inexact_array)
+        x64 = xs.astype(jnp.float64)
+        prog = compiler(
+            f"float64 reference, β={beta}{', per example' if per_example else ''}",
+            unrolled_grads(static, None, beta, steps, z0, per_example=per_example),
+            params,
+            x64,
+            solves=len(steps),
+        )
+        return [h.to_numpy64(g) for _, g in prog(params, x64)]
 
-    def run(p, x):
-        return {
-            s: [
-                make_value_and_grad(static, STATES[s], beta, n, rdeq.ReversibleAdjoint(), z0)(p, x)
-                for n in steps
-            ]
-            for s in states
-        }
 
-    return run
+def grad_row(out, ref, report) -> dict[str, Any]:
+    loss, grads = out
+    err = h.rel_error(h.to_numpy64(grads), ref)
+    return {
+        "loss": float(loss),
+        "grad_err": err["worst_leaf"],
+        "grad_err_global": err["global"],
+        "recon_abs": report["abs"],
+        "recon_rel": report["rel"],
+        "drift": report["drift"],
+        "mismatch": report["mismatch"],
+        "solves": report["solves"],
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,92 +214,43 @@ def separate_steps(settings: Settings, beta: float) -> tuple[int, ...]:
     return tuple(n for n in settings.steps if n in timed or n in mem)
 
 
-class Compiler:
-    """Compiles, and keeps a log of what took how long."""
-
-    def __init__(self):
-        self.log: list[dict[str, Any]] = []
-
-    def __call__(self, what: str, solves: int, fn, *args):
-        compiled, dt = compile_timed(fn, *args)
-        self.log.append({"what": what, "solves": solves, "compile_s": dt})
-        return compiled
-
-    @property
-    def total_s(self) -> float:
-        return sum(c["compile_s"] for c in self.log)
-
-
 def run_block(name: str, settings: Settings, key, bar) -> dict[str, Any]:
     block_start = time.perf_counter()
     description, _, shape = blocks_lib.BLOCKS[name]
     block32, xs32, _ = blocks_lib.make(name, settings.batch, key=key)
-    num_params = sum(x.size for x in jtu.tree_leaves(eqx.filter(block32, eqx.is_array)))
-    steps = settings.steps
-    states = settings.states
-    compiler = Compiler()
+    steps, states = settings.steps, settings.states
+    compiler = h.Compiler()
+    reports = h.Reports()
     rows: list[dict[str, Any]] = []
-    ref_programs: dict[float, Any] = {}  # beta -> compiled float64 reference
-    timing: dict[str, Any] = {}
 
     for fn_name in settings.fn_dtypes:
         dtype = FN_DTYPES[fn_name]
-        block = blocks_lib.cast_floats(block32, dtype)
+        block = h.cast_floats(block32, dtype)
         xs = xs32.astype(dtype)
         params, static = eqx.partition(block, eqx.is_inexact_array)
-        programs: dict[str, tuple[Callable, tuple]] = {}
+        programs: dict[str, tuple[Any, tuple]] = {}
         for beta in settings.betas:
-            tag = f"{name}, {fn_name}, β={beta}"
-            # The float64 reference, from this block's (possibly bf16-rounded) parameters;
-            # one compiled program serves both fn dtypes.
+            tag = f"{name}/{fn_name}/{beta}"
             bar.set_postfix_str(f"{tag}: float64 unrolled reference")
-            with jax.enable_x64(True):
-                p64 = blocks_lib.cast_floats(params, jnp.float64)
-                x64 = xs.astype(jnp.float64)
-                if beta not in ref_programs:
-                    static64 = eqx.partition(
-                        blocks_lib.cast_floats(block, jnp.float64), eqx.is_inexact_array
-                    )[1]
-                    ref_programs[beta] = compiler(
-                        f"float64 reference, β={beta}",
-                        len(steps),
-                        float64_reference(static64, beta, steps),
-                        p64,
-                        x64,
-                    )
-                    bar.update()
-                refs = [grad_leaves(out)[1] for out in ref_programs[beta](p64, x64)]
+            refs = float64_reference(compiler, block, xs, beta, steps)
+            bar.update()
 
             same = {}
             same_states = [s for s in SAME_REF_STATES if s in states]
             if fn_name in settings.same_refs_for and same_states:
                 bar.set_postfix_str(f"{tag}: same-precision unrolled references")
-                prog = compiler(
-                    f"{fn_name} same-precision references, β={beta}",
-                    len(steps) * len(same_states),
-                    same_precision_reference(static, beta, steps, same_states),
-                    params,
-                    xs,
-                )
-                same = {
-                    s: [grad_leaves(out)[1] for out in outs] for s, outs in prog(params, xs).items()
-                }
-                del prog
+                for s in same_states:
+                    prog = compiler(
+                        f"{fn_name} same-precision reference, β={beta}, {s}",
+                        unrolled_grads(static, STATES[s], beta, steps),
+                        params,
+                        xs,
+                        solves=len(steps),
+                    )
+                    same[s] = [h.to_numpy64(g) for _, g in prog(params, xs)]
                 bar.update()
 
-            bar.set_postfix_str(f"{tag}: reconstruction errors")
-            prog = compiler(
-                f"{fn_name} reconstruction errors, β={beta}",
-                len(steps) * len(states),
-                reconstruction_program(static, beta, steps, states),
-                params,
-                xs,
-            )
-            recon = {s: [float(v) for v in vals] for s, vals in prog(params, xs).items()}
-            del prog
-            bar.update()
-
-            grads: dict[tuple[str, int], tuple[float, list[np.ndarray]]] = {}
+            outs: dict[tuple[str, int], Any] = {}
             memory: dict[tuple[str, int], dict[str, float]] = {}
             alone = separate_steps(settings, beta)
             bundled = tuple(n for n in steps if n not in alone)
@@ -349,51 +258,42 @@ def run_block(name: str, settings: Settings, key, bar) -> dict[str, Any]:
                 bar.set_postfix_str(f"{tag}: reversible gradients at {len(bundled)} step counts")
                 prog = compiler(
                     f"{fn_name} reversible gradients, β={beta}, steps {bundled}",
-                    len(bundled) * len(states),
-                    bundled_gradients(static, beta, bundled, states),
+                    reversible_grads(static, beta, bundled, states, reports, tag),
                     params,
                     xs,
+                    solves=len(bundled) * len(states),
                 )
-                for s, outs in prog(params, xs).items():
-                    for n, out in zip(bundled, outs):
-                        grads[(s, n)] = grad_leaves(out)
-                del prog
+                for s, per_n in prog(params, xs).items():
+                    for n, out in zip(bundled, per_n):
+                        outs[(s, n)] = out
                 bar.update()
             for n in alone:
                 for s in states:
                     bar.set_postfix_str(f"{tag}: reversible gradient, {s}, {n} steps")
+                    adjoint = reports.adjoint(f"{tag}/{s}/{n}")
                     compiled = compiler(
                         f"{fn_name} reversible gradient, β={beta}, {s}, {n} steps",
-                        1,
-                        make_value_and_grad(static, STATES[s], beta, n, rdeq.ReversibleAdjoint()),
+                        make_value_and_grad(static, STATES[s], beta, n, adjoint),
                         params,
                         xs,
                     )
-                    grads[(s, n)] = grad_leaves(compiled(params, xs))
-                    memory[(s, n)] = memory_of(compiled)
+                    outs[(s, n)] = compiled(params, xs)
+                    memory[(s, n)] = h.memory_of(compiled)
                     if beta in settings.timing_betas and n in settings.timing_steps:
                         programs[f"{s}/{beta}/{n}"] = (compiled, (params, xs))
                     bar.update()
 
             for s in states:
                 for i, n in enumerate(steps):
-                    loss, g = grads[(s, n)]
-                    err, err_global = rel_error(g, refs[i])
-                    row = {
-                        "fn_dtype": fn_name,
-                        "beta": beta,
-                        "state": s,
-                        "steps": n,
-                        "loss": loss,
-                        "recon_rel": recon[s][i],
-                        "grad_err": err,
-                        "grad_err_global": err_global,
-                        "grad_err_same": None,
-                        "grad_err_same_global": None,
-                    }
-                    row["recon_rel_suspect"] = recon_suspect(row)
+                    row = {"fn_dtype": fn_name, "beta": beta, "state": s, "steps": n}
+                    row |= grad_row(outs[(s, n)], refs[i], reports.take(f"{tag}/{s}/{n}"))
+                    row["grad_err_same"] = row["grad_err_same_global"] = None
                     if s in same:
-                        row["grad_err_same"], row["grad_err_same_global"] = rel_error(g, same[s][i])
+                        e = h.rel_error(h.to_numpy64(outs[(s, n)][1]), same[s][i])
+                        row["grad_err_same"], row["grad_err_same_global"] = (
+                            e["worst_leaf"],
+                            e["global"],
+                        )
                     if (s, n) in memory:
                         row["memory"] = memory[(s, n)]
                         base = memory.get(("float32", n))
@@ -404,13 +304,8 @@ def run_block(name: str, settings: Settings, key, bar) -> dict[str, Any]:
 
         if programs:
             bar.set_postfix_str(f"{name}, {fn_name}: timing")
-            t = time_interleaved(
-                programs,
-                settings,
-                np.random.default_rng(settings.seed),
-                desc=f"timing {name} {fn_name}",
-            )
-            timing[fn_name] = t
+            t = h.time_interleaved(programs, settings.timing, desc=f"timing {name} {fn_name}")
+            reports.clear()  # the timed calls reported too
             for row in rows:
                 key_ = f"{row['state']}/{row['beta']}/{row['steps']}"
                 if row["fn_dtype"] == fn_name and key_ in t:
@@ -427,7 +322,7 @@ def run_block(name: str, settings: Settings, key, bar) -> dict[str, Any]:
         "example_shape": list(shape),
         "batch": settings.batch,
         "state_elements": settings.batch * math.prod(shape),
-        "num_params": int(num_params),
+        "num_params": h.num_params(block32),
         "rows": rows,
         "compiles": compiler.log,
         "compile_s": compiler.total_s,
@@ -435,51 +330,79 @@ def run_block(name: str, settings: Settings, key, bar) -> dict[str, Any]:
     }
 
 
+def per_example_rows(name, settings: Settings, key, bar) -> dict[str, Any]:
+    """Each example solved on its own under `jax.vmap` (fn float32): one program per
+    (beta, steps, state), as a user's vmapped train step would be."""
+    start = time.perf_counter()
+    description, _, shape = blocks_lib.BLOCKS[name]
+    block, xs, _ = blocks_lib.make(name, settings.batch, key=key)
+    compiler = h.Compiler()
+    reports = h.Reports()
+    params, static = eqx.partition(block, eqx.is_inexact_array)
+    steps = settings.vmap_steps
+    rows = []
+    for beta in settings.vmap_betas:
+        tag = f"{name}/vmap/{beta}"
+        bar.set_postfix_str(f"{tag}: float64 unrolled reference")
+        refs = float64_reference(compiler, block, xs, beta, steps, per_example=True)
+        bar.update()
+        for i, n in enumerate(steps):
+            for s in settings.vmap_states:
+                bar.set_postfix_str(f"{tag}: {s}, {n} steps")
+                adjoint = reports.adjoint(f"{tag}/{s}/{n}")
+                compiled = compiler(
+                    f"per-example vmap, β={beta}, {s}, {n} steps",
+                    make_value_and_grad(static, STATES[s], beta, n, adjoint, per_example=True),
+                    params,
+                    xs,
+                )
+                row = {"beta": beta, "state": s, "steps": n}
+                row |= grad_row(compiled(params, xs), refs[i], reports.take(f"{tag}/{s}/{n}"))
+                row["memory"] = h.memory_of(compiled)
+                rows.append(row)
+                bar.update()
+    return {
+        "description": description,
+        "example_shape": list(shape),
+        "num_params": h.num_params(block),
+        "rows": rows,
+        "compile_s": compiler.total_s,
+        "wall_s": time.perf_counter() - start,
+    }
+
+
 def side_random_z0(settings: Settings, key, bar) -> dict[str, Any] | None:
-    """The conv block at `z0 = 0` sits exactly on ReLU kinks (GroupNorm of the all-zero
-    `W1 * z0` is exactly 0), so a reconstruction of `z0` that is off by any amount flips
-    `relu'` there. The same measurement from a random `z0 = 0.1 N(0, 1)` separates that
-    from the amplification of rounding errors."""
+    """The conv block at `z0 = 0` sits exactly on ReLU kinks (the GroupNorm of the
+    all-zero `W1 * z0` is exactly 0), so a reconstruction of `z0` that is off by any
+    amount flips `relu'` there. The same measurement from a random `z0 = 0.1 N(0, 1)`
+    separates that from the amplification of rounding errors."""
     if not settings.side_steps or settings.side_block not in settings.blocks:
         return None
     start = time.perf_counter()
-    name = settings.side_block
-    beta = settings.side_beta
-    steps = settings.side_steps
+    name, beta, steps = settings.side_block, settings.side_beta, settings.side_steps
     kb, kz = key
     block, xs, _ = blocks_lib.make(name, settings.batch, key=kb)
     params, static = eqx.partition(block, eqx.is_inexact_array)
     z0 = 0.1 * jax.random.normal(kz, xs.shape, xs.dtype)
-    compiler = Compiler()
+    compiler = h.Compiler()
+    reports = h.Reports()
     bar.set_postfix_str(f"side: {name}, random z0, float64 reference")
-    with jax.enable_x64(True):
-        p64 = blocks_lib.cast_floats(params, jnp.float64)
-        x64 = xs.astype(jnp.float64)
-        static64 = eqx.partition(blocks_lib.cast_floats(block, jnp.float64), eqx.is_inexact_array)[
-            1
-        ]
-        prog = compiler(
-            "side: float64 reference",
-            len(steps),
-            float64_reference(static64, beta, steps, z0),
-            p64,
-            x64,
-        )
-        refs = [grad_leaves(out)[1] for out in prog(p64, x64)]
+    refs = float64_reference(compiler, block, xs, beta, steps, z0)
     bar.update()
     bar.set_postfix_str(f"side: {name}, random z0, reversible gradients")
     prog = compiler(
         "side: reversible gradients",
-        len(steps) * len(settings.states),
-        bundled_gradients(static, beta, steps, settings.states, z0),
+        reversible_grads(static, beta, steps, settings.states, reports, "side", z0),
         params,
         xs,
+        solves=len(steps) * len(settings.states),
     )
     rows = []
     for s, outs in prog(params, xs).items():
         for n, out, ref in zip(steps, outs, refs):
-            err, err_global = rel_error(grad_leaves(out)[1], ref)
-            rows.append({"state": s, "steps": n, "grad_err": err, "grad_err_global": err_global})
+            rows.append(
+                {"state": s, "steps": n, **grad_row(out, ref, reports.take(f"side/{s}/{n}"))}
+            )
     bar.update()
     return {
         "block": name,
@@ -502,75 +425,127 @@ def count_tasks(settings: Settings) -> int:
         per_fn = 1 + (1 if any(n not in alone for n in settings.steps) else 0)
         per_fn += len(settings.states) * len(alone)
         same = sum(f in settings.same_refs_for for f in settings.fn_dtypes)
-        per_block += 1 + same + len(settings.fn_dtypes) * per_fn
+        per_block += same + per_fn * len(settings.fn_dtypes)
     if set(settings.timing_betas) & set(settings.betas):
         per_block += len(settings.fn_dtypes)
-    side = 2 if settings.side_steps and settings.side_block in settings.blocks else 0
-    return per_block * len(settings.blocks) + side
+    vmap = len(settings.vmap_betas) * (1 + len(settings.vmap_steps) * len(settings.vmap_states))
+    total = per_block * len(settings.blocks)
+    total += vmap * len(settings.vmap_blocks)
+    return total + (2 if settings.side_steps and settings.side_block in settings.blocks else 0)
+
+
+def run(args) -> dict[str, Any]:
+    settings = h.choose_settings(args, Settings(), QUICK)
+    if args.betas:
+        settings = dataclasses.replace(
+            settings,
+            betas=tuple(args.betas),
+            timing_betas=tuple(b for b in settings.timing_betas if b in args.betas)
+            or (args.betas[-1],),
+        )
+    if args.steps:
+        settings = dataclasses.replace(
+            settings,
+            steps=tuple(sorted(args.steps)),
+            timing_steps=tuple(n for n in settings.timing_steps if n in args.steps)
+            or (max(args.steps),),
+        )
+    keys = jax.random.split(jax.random.key(settings.seed), len(settings.blocks))
+    results = {}
+    with tqdm(total=count_tasks(settings), desc="precision") as bar:
+        for name, key in zip(settings.blocks, keys):
+            results[name] = run_block(name, settings, key, bar)
+        vmap = {}
+        for i, name in enumerate(settings.vmap_blocks):
+            # the main grid's block where there is one
+            kb = (
+                keys[settings.blocks.index(name)]
+                if name in settings.blocks
+                else jax.random.fold_in(jax.random.key(settings.seed), 2 + i)
+            )
+            vmap[name] = per_example_rows(name, settings, kb, bar)
+        side = None
+        if settings.side_block in settings.blocks:
+            kb = keys[settings.blocks.index(settings.side_block)]  # the main grid's block
+            kz = jax.random.fold_in(jax.random.key(settings.seed), 1)
+            side = side_random_z0(settings, (kb, kz), bar)
+    compile_s = sum(b["compile_s"] for b in [*results.values(), *vmap.values()])
+    compile_s += side["compile_s"] if side else 0
+    return {
+        "meta": {"compile_s": compile_s},
+        "settings": {**dataclasses.asdict(settings), "quick": args.quick},
+        "state_buffer_bits_per_step": {
+            s: {str(b): STATES[s].buffer_bits_per_step(b) for b in settings.betas}
+            for s in EXACT_STATES
+        },
+        "exact_tolerance_ulps": {s: STATES[s].tolerance_ulps() for s in EXACT_STATES},
+        "blocks": results,
+        "vmap": vmap,
+        "side_random_z0": side,
+    }
 
 
 # ---------------------------------------------------------------------------------------
 # Reporting.
 
 
-def fmt_err(x) -> str:
-    if x is None:
-        return "n/a"
-    if not math.isfinite(x):
-        return "non-finite"
-    if x == 0:
-        return "0"
-    return f"{x:.1e}"
-
-
-def recon_suspect(row) -> bool:
-    """`reconstruction_error` said 0 for a floating state whose gradient in the same
-    configuration is non-finite: the reconstruction overflowed to NaN, and XLA:CPU's
-    max-reduction over >= 4096 elements skips NaNs (returns -inf), so the library's
-    `max(0, max|deviation|)` reads 0."""
-    g = row["grad_err"]
-    return (
-        row["state"] != "exact"
-        and row["recon_rel"] == 0
-        and isinstance(g, float)
-        and not math.isfinite(g)
-    )
-
-
-def fmt_cell(row, field: str) -> str:
-    if field == "recon_rel" and recon_suspect(row):
-        return "0†"
-    return fmt_err(row[field])
-
-
-def fmt_ratio(x) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{x:.2f}"
-
-
 def lookup(blk) -> dict[tuple, dict[str, Any]]:
     return {(r["fn_dtype"], r["beta"], r["state"], r["steps"]): r for r in blk["rows"]}
+
+
+def fmt_report(row) -> str:
+    """The backward pass's own verdict: rebuilt-`z0` deviation, and ✗ where it flagged
+    a mismatch (`k/n` solves when only some of them did)."""
+    if row["solves"] == 0:
+        return "n/a"
+    cell = h.fmt_err(row["recon_rel"])
+    if row["mismatch"]:
+        cell += " ✗" if row["mismatch"] == row["solves"] else f" ✗{row['mismatch']}/{row['solves']}"
+    return cell
 
 
 def error_table(blk, s, fn, betas, field: str, *, same_rows: bool = False) -> list[str]:
     """Rows = (beta, state), columns = steps."""
     idx = lookup(blk)
     steps = s["steps"]
+    cell = fmt_report if field == "report" else (lambda r: h.fmt_err(r[field]))
     out = [
         "| β | state | " + " | ".join(str(n) for n in steps) + " |",
         "|---|---|" + "---:|" * len(steps),
     ]
     for beta in betas:
         for st in s["states"]:
-            cells = [fmt_cell(idx[(fn, beta, st, n)], field) for n in steps]
-            out.append(f"| {beta} | {st} | " + " | ".join(cells) + " |")
+            out.append(
+                f"| {beta} | {st} | "
+                + " | ".join(cell(idx[(fn, beta, st, n)]) for n in steps)
+                + " |"
+            )
         if same_rows:
             for st in s["states"]:
                 vals = [idx[(fn, beta, st, n)]["grad_err_same"] for n in steps]
+                if all(v is None for v in vals):
+                    continue
                 out.append(
                     f"| {beta} | {st}, vs same-precision unrolled | "
-                    + " | ".join(fmt_err(v) for v in vals)
+                    + " | ".join(h.fmt_err(v) for v in vals)
                     + " |"
                 )
+    return out
+
+
+def drift_table(blk, s, betas) -> list[str]:
+    """The exact state's drift (largest distance of a re-evaluation from the lattice point
+    it was snapped to, in lattice units), fn float32 and bfloat16."""
+    idx = lookup(blk)
+    steps = s["steps"]
+    out = [
+        "| fn | β | " + " | ".join(str(n) for n in steps) + " |",
+        "|---|---|" + "---:|" * len(steps),
+    ]
+    for fn in s["fn_dtypes"]:
+        for beta in betas:
+            vals = [idx[(fn, beta, "exact", n)]["drift"] for n in steps]
+            out.append(f"| {fn} | {beta} | " + " | ".join(h.fmt(v, ".3g") for v in vals) + " |")
     return out
 
 
@@ -578,8 +553,7 @@ def cost_table(blk, s, fn) -> list[str]:
     idx = lookup(blk)
     tsteps = [n for n in s["steps"] if n in s["timing_steps"]]
     tbetas = [b for b in s["timing_betas"] if b in s["betas"]]
-    head = "| state |"
-    sep = "|---|"
+    head, sep = "| state |", "|---|"
     for b in tbetas:
         for n in tsteps:
             head += f" ms, β={b}, {n} steps | × float32 |"
@@ -594,26 +568,75 @@ def cost_table(blk, s, fn) -> list[str]:
         for b in tbetas:
             for n in tsteps:
                 r = idx[(fn, b, st, n)]
-                line += f" {r['time']['median_ms']:.1f} | {fmt_ratio(r['time_ratio'])} |"
+                line += f" {r['time']['median_ms']:.1f} | {h.fmt(r['time_ratio'], '.2f')} |"
         for b in s["betas"]:
             r = idx[(fn, b, st, mem_n)]
-            line += f" {r['memory']['temp_mib']:.2f} | {fmt_ratio(r['temp_ratio'])} |"
+            line += f" {r['memory']['temp_mib']:.2f} | {h.fmt(r['temp_ratio'], '.2f')} |"
         out.append(line)
     return out
 
 
 def headline_table(data, betas, n: int) -> list[str]:
     s = data["settings"]
-    head = "| block | fn | β | " + " | ".join(s["states"]) + " |"
-    out = [head, "|---|---|---|" + "---:|" * len(s["states"])]
+    out = [
+        "| block | fn | β | " + " | ".join(s["states"]) + " |",
+        "|---|---|---|" + "---:|" * len(s["states"]),
+    ]
     for name, blk in data["blocks"].items():
         idx = lookup(blk)
         for fn in s["fn_dtypes"]:
             for b in betas:
                 vals = [idx[(fn, b, st, n)]["grad_err"] for st in s["states"]]
                 out.append(
-                    f"| {name} | {fn} | {b} | " + " | ".join(fmt_err(v) for v in vals) + " |"
+                    f"| {name} | {fn} | {b} | " + " | ".join(h.fmt_err(v) for v in vals) + " |"
                 )
+    return out
+
+
+def vmap_table(data) -> list[str]:
+    s = data["settings"]
+    states = s["vmap_states"]
+    out = [
+        "| block | β | steps | "
+        + " | ".join(f"{st}: grad err | {st}: backward report" for st in states)
+        + " |",
+        "|---|---|---:|" + "---:|---:|" * len(states),
+    ]
+    for name, blk in data.get("vmap", {}).items():
+        idx = {(r["beta"], r["state"], r["steps"]): r for r in blk["rows"]}
+        for b in s["vmap_betas"]:
+            for n in s["vmap_steps"]:
+                cells = []
+                for st in states:
+                    r = idx.get((b, st, n))
+                    cells += ["–", "–"] if r is None else [h.fmt_err(r["grad_err"]), fmt_report(r)]
+                if any(c != "–" for c in cells):
+                    out.append(f"| {name} | {b} | {n} | " + " | ".join(cells) + " |")
+    return out
+
+
+def side_table(data) -> list[str]:
+    side = data["side_random_z0"]
+    idx = lookup(data["blocks"][side["block"]])
+    sidx = {(r["state"], r["steps"]): r for r in side["rows"]}
+    steps = side["steps"]
+    out = [
+        "| state | z0 | " + " | ".join(str(n) for n in steps) + " |",
+        "|---|---|" + "---:|" * len(steps),
+    ]
+    for st in data["settings"]["states"]:
+        main = [idx.get((side["fn_dtype"], side["beta"], st, n)) for n in steps]
+        if any(m is not None for m in main):
+            out.append(
+                f"| {st} | 0 (main grid) | "
+                + " | ".join("–" if m is None else h.fmt_err(m["grad_err"]) for m in main)
+                + " |"
+            )
+        out.append(
+            f"| {st} | {side['z0']} | "
+            + " | ".join(h.fmt_err(sidx[(st, n)]["grad_err"]) for n in steps)
+            + " |"
+        )
     return out
 
 
@@ -621,32 +644,33 @@ NOTES = """Reading the tables:
 
 - **grad err** is the worst leaf's `‖g − g_ref‖/‖g_ref‖` over every block parameter and
   the input (the JSON also has the error over all leaves together, `grad_err_global`),
-  g_ref the float64 unrolled gradient of the same model: `UnrolledAdjoint`,
-  `Reversible(beta)`, block, input and `z0` cast to float64 under
-  `jax.enable_x64(True)`. For a bfloat16 `fn` the reference is built from the
-  bfloat16-rounded parameters and input cast to float64, so it measures the error of the
-  computation, not of quantising the model. It is still a float64 computation, so the
-  bfloat16 rounding of `fn` itself sets a floor that no state option can remove (~1e-2
-  and up; the `exact` row, whose reversal adds nothing, shows it). The rows "vs
-  same-precision unrolled" compare instead with `UnrolledAdjoint` differentiating the
-  very same bfloat16 computation with the same state: the part of the error that
-  reversal adds. `float32x2` and `exact` have no floating unrolled
-  counterpart (n/a): `UnrolledAdjoint` refuses the integer arithmetic of `exact`.
+  g_ref the float64 unrolled gradient of the same model: `UnrolledAdjoint`, block, input,
+  `z0` and state in float64 under `jax.enable_x64(True)`. For a bfloat16 `fn` the
+  reference is built from the bfloat16-rounded parameters and input cast to float64, so it
+  measures the error of the computation, not of quantising the model; the bfloat16
+  rounding of `fn` itself still sets a floor (~1e-2 and up) that no state can remove. The
+  rows "vs same-precision unrolled" compare instead with `UnrolledAdjoint` differentiating
+  the very same bfloat16 computation with the same floating state: the part of the error
+  that reversal adds (`float32x2` and the exact states have no floating unrolled
+  counterpart).
 - **non-finite**: the reversed trajectory overflowed, so the gradient holds inf/NaN.
-- A bfloat16 gradient compared with the unrolled gradient of the same bfloat16
-  computation differs by a few bfloat16 ulps (~4e-3) even where the reconstruction is
-  exact (attention block): parameter cotangents are summed in bfloat16, and autodiff's
-  order inside a transposed scan is not reproduced bit for bit. 0 there (conv block)
-  means identical bits.
-- **recon** is `reconstruction_error(...)["rel"]`: the worst deviation of the rebuilt
-  initial state from the true one over `max(max|z0|, 1)` (here `z0 = 0`, so absolute).
-  0 means the backward pass rebuilt the forward iterates exactly.
-- `exact` reverses to the bit at every depth, so its reversible gradient *is* the
-  unrolled gradient of its own forward pass; what remains against the float64 reference
-  is the rounding of `fn` (float32 or bfloat16) and of the 2^-32 fixed-point grid.
-- Times are medians of interleaved rounds on a shared machine: ratios are measured within
-  one run (same rounds) and differences under ~15% are noise. Memory is the compiled
-  `temp_size_in_bytes` (deterministic).
+- **backward report** is what `ReversibleAdjoint(report=...)` measured on the very
+  backward pass that produced the gradient: the relative deviation of the rebuilt initial
+  state from the true one (over `max(max|z0|, 1)`; here `z0 = 0`, so absolute), and ✗
+  where the pass flagged a mismatch (with the default `on_mismatch="raise"` that gradient
+  would have been refused). The exact states flag any deviation at all; floating states
+  never reconstruct exactly and flag a relative deviation above 1e-3.
+- `exact` rounds `fn`'s output to a lattice (one ulp of the leaf's largest binade) and
+  keeps 4 guard bits per evaluation, so the backward pass snaps each re-evaluation back
+  onto the forward's value if it lies within 7.5 ulps; **drift** is how far the
+  re-evaluations landed from the lattice point they were snapped to (0.5 = a bit-identical
+  re-evaluation, since the forward rounded to the nearest point; above 8 = beyond the
+  guarantee). `exact-nolattice` (`guard_bits=0`, the previous design) needs bit-identical
+  re-evaluations. Where reversal is exact, what remains against the float64 reference is
+  the rounding of `fn` (and, for `exact`, of the lattice).
+- Times are medians of interleaved rounds on a shared machine (the timed programs include
+  the report callback, a few tens of µs); ratios are measured within one run and
+  differences under ~15% are noise. Memory is the compiled `temp_size_in_bytes`.
 """
 
 
@@ -666,18 +690,97 @@ def held_depth(idx, fn, beta, state, steps) -> int:
     return depth
 
 
+def worst(rows, field="grad_err") -> float:
+    vals = [r[field] for r in rows]
+    return math.inf if any(not math.isfinite(v) for v in vals) else max(vals, default=math.nan)
+
+
 def summary(data) -> list[str]:
     """'What this shows', from the numbers."""
     s = data["settings"]
-    floating = [st for st in s["states"] if st != "exact"]
     out = []
+    # The per-example vmap rows: the case the lattice was built for.
+    vrows = [r for blk in data.get("vmap", {}).values() for r in blk["rows"]]
+    if vrows:
+        parts = []
+        for st in s["vmap_states"]:
+            rs = [r for r in vrows if r["state"] == st]
+            flagged = sum(r["mismatch"] > 0 for r in rs)
+            parts.append(
+                f"`{st}` worst gradient error {h.fmt_err(worst(rs))}, mismatch flagged in "
+                f"{flagged} of {len(rs)} configurations"
+            )
+        out += [
+            f"- **Per-example `jax.vmap`** ({', '.join(data['vmap'])}, β "
+            f"{', '.join(map(str, s['vmap_betas']))}, {', '.join(map(str, s['vmap_steps']))}"
+            " steps): " + "; ".join(parts) + ".",
+        ]
+    # The main grid's exact states.
+    for st in EXACT_STATES:
+        if st not in s["states"]:
+            continue
+        for fn in s["fn_dtypes"]:
+            rs = [
+                r
+                for blk in data["blocks"].values()
+                for r in blk["rows"]
+                if r["state"] == st and r["fn_dtype"] == fn
+            ]
+            flagged = [r for r in rs if r["mismatch"]]
+            drift = max((r["drift"] for r in rs if r["drift"] is not None), default=None)
+            text = (
+                f"- `{st}`, fn {fn}, one solve per batch, every β and depth: worst gradient "
+                f"error {h.fmt_err(worst(rs))}; backward pass flagged a mismatch in "
+                f"{len(flagged)} of {len(rs)} configurations"
+            )
+            if flagged:
+                text += (
+                    " ("
+                    + ", ".join(f"{r['beta']}/{r['steps']}" for r in flagged[:6])
+                    + (", …" if len(flagged) > 6 else "")
+                    + " as β/steps)"
+                )
+            if st == "exact" and drift is not None:
+                text += f"; largest drift {drift:.3g} lattice units"
+            out.append(text + ".")
+    mem_n = max((n for n in s["steps"] if n in s["timing_steps"]), default=None)
+    timed = [r for blk in data["blocks"].values() for r in blk["rows"] if "time_ratio" in r]
+    for st in s["states"]:
+        if st == "float32":
+            continue
+        t = [r["time_ratio"] for r in timed if r["state"] == st]
+        parts = [f"time ×{h.span(t)}"] if t else []
+        for b in s["betas"]:
+            m = [
+                r["temp_ratio"]
+                for blk in data["blocks"].values()
+                for r in blk["rows"]
+                if r["state"] == st and r["beta"] == b and r["steps"] == mem_n and "temp_ratio" in r
+            ]
+            if m:
+                parts.append(f"memory at β={b} ×{h.span(m)}")
+        if parts:
+            out.append(f"- Cost of `{st}` against the float32 state: " + ", ".join(parts) + ".")
+    bits = data.get("state_buffer_bits_per_step", {})
+    if bits:
+        out.append(
+            "- Information buffer, bits per state element per step (β "
+            + ", ".join(map(str, s["betas"]))
+            + "): "
+            + "; ".join(
+                f"`{st}` " + ", ".join(f"{v:.1f}" for v in per_beta.values())
+                for st, per_beta in bits.items()
+            )
+            + "."
+        )
+    floating = [st for st in s["states"] if st != "exact"]
     if "exact" in s["states"] and floating:
         out += [
-            "Deepest step count up to which each floating state's gradient error stays "
-            f"within {HELD:g}× of `exact`'s (every smaller measured count included; 0: not "
-            f"even at {s['steps'][0]} step). For a bfloat16 `fn` the bfloat16 floor hides "
-            "smaller differences, so read those rows with the 'vs same-precision "
-            "unrolled' rows of the tables above:",
+            "",
+            "Deepest step count up to which each other state's gradient error stays within "
+            f"{HELD:g}× of `exact`'s (every smaller measured count included; 0: not even at "
+            f"{s['steps'][0]} step). For a bfloat16 `fn` the bfloat16 floor hides smaller "
+            "differences:",
             "",
             "| block | fn | β | " + " | ".join(floating) + " |",
             "|---|---|---|" + "---:|" * len(floating),
@@ -687,78 +790,23 @@ def summary(data) -> list[str]:
             for fn in s["fn_dtypes"]:
                 for b in s["betas"]:
                     depths = [held_depth(idx, fn, b, st, s["steps"]) for st in floating]
-                    out.append(
-                        f"| {name} | {fn} | {b} | " + " | ".join(str(d) for d in depths) + " |"
-                    )
-        out.append("")
-    # Cost, over both blocks and fn dtypes.
-    timed = [r for blk in data["blocks"].values() for r in blk["rows"] if "time_ratio" in r]
-    mem_n = max((n for n in s["steps"] if n in s["timing_steps"]), default=None)
-    lines = []
-    for st in s["states"]:
-        if st == "float32":
-            continue
-        t = [r["time_ratio"] for r in timed if r["state"] == st]
-        parts = []
-        if t:
-            parts.append(f"time ×{min(t):.2f}–{max(t):.2f}")
-        mem = {}
-        for b in s["betas"]:
-            m = [
-                r["temp_ratio"]
-                for blk in data["blocks"].values()
-                for r in blk["rows"]
-                if r["state"] == st and r["beta"] == b and r["steps"] == mem_n and "temp_ratio" in r
-            ]
-            if m:
-                mem[b] = f"×{min(m):.2f}–{max(m):.2f}"
-        if mem and len(set(mem.values())) == 1:
-            parts.append(f"memory {next(iter(mem.values()))} (every β)")
-        else:
-            parts += [f"memory at β={b} {v}" for b, v in mem.items()]
-        if parts:
-            lines.append(f"- `{st}`: " + ", ".join(parts) + ".")
-    if lines:
-        out += [
-            "Cost relative to the float32 state, range over both blocks and both `fn` "
-            f"dtypes (time at {', '.join(map(str, s['timing_steps']))} steps, β="
-            f"{', '.join(map(str, s['timing_betas']))}; compiled temp memory at {mem_n} "
-            "steps):",
-            "",
-            *lines,
-        ]
+                    out.append(f"| {name} | {fn} | {b} | " + " | ".join(map(str, depths)) + " |")
     return out
 
 
-def side_table(data) -> list[str]:
-    side = data.get("side_random_z0")
-    if not side:
-        return []
+def grad_error_sections(data, betas) -> list[str]:
+    """One gradient-error table per (block, fn dtype), rows (β, state)."""
     s = data["settings"]
-    idx = lookup(data["blocks"][side["block"]])
-    sidx = {(r["state"], r["steps"]): r for r in side["rows"]}
-    steps = side["steps"]
-    out = [
-        "| state | z0 | " + " | ".join(str(n) for n in steps) + " |",
-        "|---|---|" + "---:|" * len(steps),
-    ]
-    for st in s["states"]:
-        main = [idx.get((side["fn_dtype"], side["beta"], st, n)) for n in steps]
-        if any(m is not None for m in main):
-            out.append(
-                f"| {st} | 0 (main grid) | "
-                + " | ".join("–" if m is None else fmt_err(m["grad_err"]) for m in main)
-                + " |"
-            )
-        out.append(
-            f"| {st} | {side['z0']} | "
-            + " | ".join(fmt_err(sidx[(st, n)]["grad_err"]) for n in steps)
-            + " |"
-        )
+    out = []
+    for name, blk in data["blocks"].items():
+        for fn in s["fn_dtypes"]:
+            same = fn in s["same_refs_for"]
+            table = error_table(blk, s, fn, betas, "grad_err", same_rows=same)
+            out += [f"### {name}, fn {fn}", "", *table, ""]
     return out
 
 
-def write_markdown(data, path: Path) -> None:
+def write_markdown(data, path) -> None:
     s = data["settings"]
     m = data["meta"]
     main_betas = [b for b in s["betas"] if b in (0.8, 0.9)] or list(s["betas"])
@@ -766,22 +814,16 @@ def write_markdown(data, path: Path) -> None:
     out = [
         "# Precision of the reversible state",
         "",
-        f"Generated by `python -m benchmarks.precision{' --quick' if s['quick'] else ''}` "
-        f"on {m['date']}; the run took {m['wall_s'] / 60:.1f} min "
-        f"({m['compile_s'] / 60:.1f} min of it compiling).",
-        "",
-        f"- Machine: {m['machine']['cpu']}, {m['machine']['cores']} cores, backend "
-        f"`{m['machine']['backend']}`; load average (1, 5, 15 min) at start "
-        f"{fmt_load(m['load_start'])}, at end {fmt_load(m['load_end'])}.",
-        f"- JAX {m['machine']['jax']}, jaxlib {m['machine']['jaxlib']}, Equinox "
-        f"{m['machine']['equinox']}, revdeq_jax {m['machine']['revdeq_jax']}, Python "
-        f"{m['machine']['python']}.",
+        *h.provenance(data, "precision"),
+        f"- {m['compile_s'] / 60:.1f} min of the run was compiling.",
         f"- One solve per batch of {s['batch']} examples (`fn` is the block `jax.vmap`ped "
         "over the batch), `z0 = 0`, `tol=0` (exactly `max_steps` steps), "
-        "`ReversibleAdjoint()`, loss `sum(sin(value))`, gradient w.r.t. every block "
-        "parameter and the input. States: `float32` = `state_dtype=jnp.float32`, "
-        '`float32x2` = `"float32x2"`, `float64` = `jnp.float64`, `exact` = `"exact"` '
-        "(`ExactState()`, 32 fraction bits).",
+        "`ReversibleAdjoint(on_mismatch='ignore', report=...)`, loss `sum(sin(value))`, "
+        "gradient w.r.t. every block parameter and the input. States: `float32` = "
+        "`FloatState(jnp.float32)`, `float32x2` = `TwoFloatState()`, `float64` = "
+        "`FloatState(jnp.float64)`, `exact` = `ExactState()` (32 fraction bits, lattice "
+        "1 ulp, 4 guard bits: tolerance 7.5 ulps), `exact-nolattice` = "
+        "`ExactState(guard_bits=0)` (the previous exact state).",
         "- Blocks (`benchmarks/blocks.py`): "
         + "; ".join(
             f"**{name}**: {blk['description']}, {blk['num_params']} parameters, state "
@@ -792,6 +834,27 @@ def write_markdown(data, path: Path) -> None:
         + ".",
         "",
         NOTES,
+        "## What this shows",
+        "",
+        *summary(data),
+        "",
+        "## Per-example `jax.vmap`",
+        "",
+        "Each example of the batch solved on its own, `jax.vmap(solve)`, fn float32, one "
+        "program per cell (as a vmapped train step is compiled): the setting in which the "
+        "previous exact state (`exact-nolattice`) lost exactness, because XLA batches and "
+        "fuses the backward pass's re-evaluation of `fn` differently from the forward's.",
+        "",
+        *vmap_table(data),
+        "",
+        "Blocks: "
+        + "; ".join(
+            f"**{name}**: {v['description']}, {v['num_params']} parameters"
+            for name, v in data.get("vmap", {}).items()
+        )
+        + f", batch {s['batch']}. Gradient error against the float64 unrolled gradient of "
+        "the same per-example solves.",
+        "",
         "## Headline: gradient error",
         "",
     ]
@@ -801,24 +864,17 @@ def write_markdown(data, path: Path) -> None:
         "## Cost of each state option",
         "",
         "Median time of one jitted value-and-grad step (timed interleaved, ratio to the "
-        "float32 state in the same rounds), and compiled temp memory of the same program.",
+        "float32 state in the same rounds), and compiled temp memory of the same program. "
+        "`benchmarks/results/exact.md` compares `exact` with `exact-nolattice` on all "
+        "three blocks.",
         "",
     ]
     for name, blk in data["blocks"].items():
         for fn in s["fn_dtypes"]:
             out += [f"### {name}, fn {fn}", "", *cost_table(blk, s, fn), ""]
-    out += ["## Gradient error", ""]
-    for name, blk in data["blocks"].items():
-        for fn in s["fn_dtypes"]:
-            same = fn in s["same_refs_for"]
-            out += [
-                f"### {name}, fn {fn}",
-                "",
-                *error_table(blk, s, fn, main_betas, "grad_err", same_rows=same),
-                "",
-            ]
-    side = data.get("side_random_z0")
-    if side:
+    out += ["## Gradient error", "", *grad_error_sections(data, main_betas)]
+    if data.get("side_random_z0"):
+        side = data["side_random_z0"]
         out += [
             f"### {side['block']}, fn {side['fn_dtype']}, β={side['beta']}: "
             f"from z0 = 0 and from z0 = {side['z0']}",
@@ -828,44 +884,36 @@ def write_markdown(data, path: Path) -> None:
             "its kink (`relu'(0) = 0` in JAX). The backward pass evaluates the block at the "
             "*reconstructed* z0: any reconstruction error, however small, moves it off the "
             "kink and switches `relu'` to 1 for about half the elements. States that "
-            "rebuild z0 to the bit (`exact`; `float32x2` for one step) are unaffected. The "
-            "same gradient errors from a random initial state:",
+            "rebuild z0 to the bit are unaffected. The same gradient errors from a random "
+            "initial state:",
             "",
             *side_table(data),
             "",
         ]
-    out += ["## What this shows", "", *summary(data), ""]
-    out += ["## Appendix", ""]
-    if rest_betas:
-        out += ["### Gradient error at the other β", ""]
-        for name, blk in data["blocks"].items():
-            for fn in s["fn_dtypes"]:
-                same = fn in s["same_refs_for"]
-                out += [
-                    f"#### {name}, fn {fn}",
-                    "",
-                    *error_table(blk, s, fn, rest_betas, "grad_err", same_rows=same),
-                    "",
-                ]
     out += [
-        "### Reconstruction error, `reconstruction_error(...)['rel']`",
+        "## The backward pass's own report",
         "",
-        "† `reconstruction_error` returned 0, but the gradient of the same configuration "
-        "is non-finite: the reconstruction overflowed to NaN, and on XLA:CPU a "
-        "max-reduction over 4096 or more elements skips NaNs (`jnp.max` of such an array "
-        "gives -inf), so the library's `maximum(0, max|deviation|)` read 0. Read † as "
-        "'overflowed'. (The library now reports a non-finite reconstruction as inf, so a "
-        "rerun shows 'non-finite' there.)",
+        "Relative deviation of the rebuilt initial state, ✗ where the pass flagged a mismatch.",
         "",
     ]
     for name, blk in data["blocks"].items():
         for fn in s["fn_dtypes"]:
             out += [
-                f"#### {name}, fn {fn}",
+                f"### {name}, fn {fn}",
                 "",
-                *error_table(blk, s, fn, s["betas"], "recon_rel"),
+                *error_table(blk, s, fn, s["betas"], "report"),
                 "",
             ]
+        if "exact" in s["states"]:
+            out += [
+                f"`exact` drift on {name} (lattice units; exact below 8):",
+                "",
+                *drift_table(blk, s, s["betas"]),
+                "",
+            ]
+    if rest_betas:
+        out += ["## Appendix: gradient error at the other β", ""]
+        out += grad_error_sections(data, rest_betas)
     out += [
         "Block wall times: "
         + ", ".join(
@@ -883,32 +931,58 @@ STYLE = {
     "float32x2": dict(color="C1", marker="s"),
     "float64": dict(color="C2", marker="^"),
     "exact": dict(color="C3", marker="D"),
+    "exact-nolattice": dict(color="C4", marker="P", ls=":"),
 }
 CAP = 10.0  # errors above this (or non-finite) are drawn at the top edge of a panel
 
 
-def plot(data, path: Path) -> None:
+def plot_series(ax, xs, series) -> None:
+    """Log-scale error curves; non-finite or > CAP at the top edge (X), 0 at the bottom."""
+    shown = [v for _, vals, _ in series for v in vals if v is not None and math.isfinite(v)]
+    shown = [v for v in shown if 0 < v <= CAP]
+    lo = min(shown, default=1e-7) / 10
+    over = any(
+        v is not None and (not math.isfinite(v) or v > CAP) for _, vals, _ in series for v in vals
+    )
+    hi = CAP if over else max(shown, default=1.0) * 2
+    for label, vals, style in series:
+        ys = []
+        for v in vals:
+            if v is None:
+                ys.append(np.nan)
+            elif not math.isfinite(v) or v > CAP:
+                ys.append(hi)
+            else:
+                ys.append(lo if v == 0 else v)
+        ax.plot(xs, ys, label=label, **style)
+        for x, v, y in zip(xs, vals, ys):
+            if v is not None and (not math.isfinite(v) or v > CAP):
+                ax.plot(x, y, marker="X", ms=11, color=style["color"], ls="none")
+            elif v == 0:
+                ax.plot(x, y, marker="v", ms=10, color=style["color"], ls="none")
+    ax.set_ylim(lo / 2, hi * 2)
+
+
+def plot(data, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
     from matplotlib.lines import Line2D
 
     s = data["settings"]
     cols = [(name, fn) for fn in s["fn_dtypes"] for name in data["blocks"]]
     betas = s["betas"]
+    vmap = data.get("vmap", {})
+    has_vmap = bool(vmap)
+    nrows = len(betas) + has_vmap
     fig, axes = plt.subplots(
-        len(betas),
-        len(cols),
-        figsize=(max(10.0, 4.2 * len(cols)), 3.4 * len(betas) + 1.4),
-        squeeze=False,
+        nrows, len(cols), figsize=(max(10.0, 4.2 * len(cols)), 3.4 * nrows + 1.4), squeeze=False
     )
     for j, (name, fn) in enumerate(cols):
         idx = lookup(data["blocks"][name])
         for i, b in enumerate(betas):
-            ax = axes[i, j]
-            series = []  # (label, values, style)
+            series = []
             for st in s["states"]:
                 vals = [idx[(fn, b, st, n)]["grad_err"] for n in s["steps"]]
                 series.append((st, vals, dict(**STYLE.get(st, {}))))
@@ -916,56 +990,40 @@ def plot(data, path: Path) -> None:
                     vals = [idx[(fn, b, st, n)]["grad_err_same"] for n in s["steps"]]
                     style = dict(color=STYLE[st]["color"], marker="x", ls="--", alpha=0.7)
                     series.append((f"{st} vs same-precision unrolled", vals, style))
-            shown = [
-                v
-                for _, vals, _ in series
-                for v in vals
-                if v is not None and math.isfinite(v) and 0 < v <= CAP
-            ]
-            lo = min(shown, default=1e-7) / 10
-            hi = (
-                CAP
-                if any(
-                    v is not None and (not math.isfinite(v) or v > CAP)
-                    for _, vals, _ in series
-                    for v in vals
-                )
-                else max(shown, default=1.0) * 2
-            )
-            for label, vals, style in series:
-                ys = []
-                for v in vals:
-                    if v is None:
-                        ys.append(np.nan)
-                    elif not math.isfinite(v) or v > CAP:
-                        ys.append(hi)
-                    elif v == 0:
-                        ys.append(lo)
-                    else:
-                        ys.append(v)
-                ax.plot(s["steps"], ys, label=label, **style)
-                for n, v, y in zip(s["steps"], vals, ys):
-                    if v is not None and (not math.isfinite(v) or v > CAP):
-                        ax.plot(n, y, marker="X", ms=11, color=style["color"], ls="none")
-                    elif v == 0:
-                        ax.plot(n, y, marker="v", ms=10, color=style["color"], ls="none")
-            ax.set_ylim(lo / 2, hi * 2)
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-            ax.set_xticks(s["steps"])
-            ax.set_xticklabels([str(n) for n in s["steps"]])
-            ax.set_yscale("log")
+            ax = axes[i, j]
+            plot_series(ax, s["steps"], series)
+            h.log_axes(ax, s["steps"], xlabel="steps")
             ax.set_title(f"{name}, fn {fn}, β={b}", fontsize=10)
-            ax.grid(True, which="both", alpha=0.3)
-            if i == len(betas) - 1:
-                ax.set_xlabel("steps")
             if j == 0:
                 ax.set_ylabel("grad rel. error (worst leaf)")
+    if has_vmap:
+        # Last row: per-example vmap, one panel per block (both betas), fn float32.
+        panels = list(vmap)[: len(cols)]
+        for j in range(len(cols)):
+            ax = axes[-1, j]
+            if j >= len(panels):
+                ax.axis("off")
+                continue
+            vidx = {(r["beta"], r["state"], r["steps"]): r for r in vmap[panels[j]]["rows"]}
+            series = [
+                (
+                    f"{st}, β={b}" if k else st,
+                    [vidx[(b, st, n)]["grad_err"] for n in s["vmap_steps"]],
+                    dict(**STYLE[st]) | ({"ls": "--", "alpha": 0.6} if k else {}),
+                )
+                for st in s["vmap_states"]
+                for k, b in enumerate(s["vmap_betas"])
+                if all((b, st, n) in vidx for n in s["vmap_steps"])
+            ]
+            plot_series(ax, s["vmap_steps"], series)
+            h.log_axes(ax, s["vmap_steps"], xlabel="steps")
+            betas_text = " (solid), ".join(map(str, s["vmap_betas"])) + " (dashed)"
+            ax.set_title(f"{panels[j]}, per-example vmap, β={betas_text}", fontsize=9)
     handles, labels = [], []
-    for ax in axes.flat:  # union of legend entries over panels
-        for h, lab in zip(*ax.get_legend_handles_labels()):
+    for ax in axes.flat:
+        for hd, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
-                handles.append(h)
+                handles.append(hd)
                 labels.append(lab)
     gray = dict(color="gray", ls="none", ms=9)
     handles += [Line2D([], [], marker="X", **gray), Line2D([], [], marker="v", **gray)]
@@ -976,82 +1034,21 @@ def plot(data, path: Path) -> None:
         "dashed: against the unrolled gradient of the same bfloat16 computation and state",
         fontsize=11,
     )
-    fig.tight_layout(rect=(0, 1.1 / (3.4 * len(betas) + 1.4), 1, 0.97))
+    fig.tight_layout(rect=(0, 1.1 / (3.4 * nrows + 1.4), 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def main(argv=None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one beta, 3 step counts")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--blocks", nargs="+", choices=("attention", "conv", "mlp"), default=None)
+def add_arguments(parser) -> None:
+    parser.add_argument("--blocks", nargs="+", choices=list(blocks_lib.BLOCKS), default=None)
     parser.add_argument("--betas", nargs="+", type=float, default=None)
     parser.add_argument("--steps", nargs="+", type=int, default=None)
-    parser.add_argument(
-        "--replot",
-        action="store_true",
-        help="only rewrite precision.md and precision.png from an existing precision.json",
-    )
-    args = parser.parse_args(argv)
-    if args.replot:
-        data = from_json(json.loads((args.out / "precision.json").read_text()))
-        write_markdown(data, args.out / "precision.md")
-        plot(data, args.out / "precision.png")
-        return data
-    settings = QUICK if args.quick else Settings()
-    if args.blocks:
-        settings = dataclasses.replace(settings, blocks=tuple(args.blocks))
-    if args.betas:
-        settings = dataclasses.replace(
-            settings,
-            betas=tuple(args.betas),
-            timing_betas=tuple(b for b in settings.timing_betas if b in args.betas)
-            or (args.betas[-1],),
-        )
-    if args.steps:
-        settings = dataclasses.replace(
-            settings,
-            steps=tuple(sorted(args.steps)),
-            timing_steps=tuple(n for n in settings.timing_steps if n in args.steps)
-            or (max(args.steps),),
-        )
-    args.out.mkdir(parents=True, exist_ok=True)
 
-    start = time.perf_counter()
-    meta = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "load_start": machine_info()["loadavg"],
-    }
-    keys = jax.random.split(jax.random.key(settings.seed), len(settings.blocks))
-    results = {}
-    with tqdm(total=count_tasks(settings), desc="precision") as bar:
-        for name, key in zip(settings.blocks, keys):
-            results[name] = run_block(name, settings, key, bar)
-        side = None
-        if settings.side_block in settings.blocks:
-            # the block of the main grid, and a key of its own for z0
-            kb = keys[settings.blocks.index(settings.side_block)]
-            kz = jax.random.fold_in(jax.random.key(settings.seed), 1)
-            side = side_random_z0(settings, (kb, kz), bar)
-    meta["wall_s"] = time.perf_counter() - start
-    meta["compile_s"] = sum(b["compile_s"] for b in results.values()) + (
-        side["compile_s"] if side else 0.0
+
+def main(argv=None) -> dict[str, Any]:
+    return h.cli(
+        "precision", __doc__, run, write_markdown, plot, argv=argv, add_arguments=add_arguments
     )
-    meta["load_end"] = machine_info()["loadavg"]
-    data = {
-        "meta": meta,
-        "settings": {**dataclasses.asdict(settings), "quick": args.quick},
-        "blocks": results,
-        "side_random_z0": side,
-    }
-    (args.out / "precision.json").write_text(json.dumps(jsonable(data), indent=1))
-    data = from_json(json.loads((args.out / "precision.json").read_text()))
-    write_markdown(data, args.out / "precision.md")
-    plot(data, args.out / "precision.png")
-    print(f"wrote {args.out}/precision.{{md,json,png}} in {meta['wall_s'] / 60:.1f} min")
-    return data
 
 
 if __name__ == "__main__":
