@@ -62,7 +62,7 @@ def _check_fn(fn: Fn, z0: Z, args: Args) -> tuple[UserFn, Z]:
                 f"`z0` must hold real floating arrays, but has a leaf of dtype "
                 f"{leaf.dtype}. Cast it, e.g. `z0.astype(jnp.float32)`."
             )
-    out = jax.eval_shape(lambda z, a: fn(z, a), z0, args)
+    out = eqx.filter_eval_shape(lambda z, a: fn(z, a), z0, args)
     in_struct = jax.eval_shape(lambda: z0)
     if jtu.tree_structure(out) != jtu.tree_structure(in_struct):
         raise ValueError(
@@ -132,7 +132,9 @@ def fixed_point(
       shapes and dtypes of `z0`. It may be an `eqx.Module` or close over arrays: gradients
       flow to every floating array it holds.
     - `z0`: the initial guess, a PyTree of floating arrays (zeros are usual).
-    - `args`: anything else `fn` needs, e.g. the input injection $x$. Differentiable.
+    - `args`: anything else `fn` needs, e.g. the input injection $x$ or a whole model:
+      any PyTree. Gradients flow to its floating arrays; every other leaf (functions,
+      strings, ints, integer arrays) is treated as static.
     - `solver`: a solver, e.g. [`revdeq_jax.Reversible`][] (the default, `beta=0.5`,
       with the exact state for a float32 `z0`), [`revdeq_jax.Anderson`][].
     - `adjoint`: how to differentiate, e.g. [`revdeq_jax.ReversibleAdjoint`][] (exact,
