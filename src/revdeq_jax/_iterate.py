@@ -116,6 +116,8 @@ def stopping_test(
     **Returns:** `(converged, abs_residual, rel_residual, finite)`, where the relative
     residual is 0 when $f(z) = z = 0$ and `finite` says whether both $z$ and $f(z)$ are.
     """
+    # Statistics, not differentiated (the norm's derivative at 0 is infinite).
+    z, fz = jax.lax.stop_gradient((z, fz))
     diff = residual_norm(z, fz)
     size = tree_rms(fz)
     rel = diff / jnp.maximum(size, jnp.finfo(size.dtype).tiny)

@@ -4,6 +4,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int, PyTree
@@ -57,7 +58,7 @@ class Broyden(AbstractSolver[BroydenState]):
         x, unravel = ravel_pytree(z0)
         g = ravel_pytree(fz)[0] - x
         us = jnp.zeros((self.m, x.size), x.dtype)
-        res = residual_norm(z0, fz)
+        res = jax.lax.stop_gradient(residual_norm(z0, fz))
         return BroydenState(z0, fz, res, x, g, us, us, jnp.zeros((), jnp.int32), unravel)
 
     def step(self, fn: Fn, state: BroydenState, args: Args) -> BroydenState:
@@ -83,7 +84,7 @@ class Broyden(AbstractSolver[BroydenState]):
         u = jnp.where(ok, (dx - b_dg) / safe, 0)
         v = jnp.where(ok, vt, 0)
         slot = state.k % self.m
-        res = residual_norm(z, fz)
+        res = jax.lax.stop_gradient(residual_norm(z, fz))  # steers only
         better = res < state.best_res
         return BroydenState(
             tree_where(better, z, state.z),
