@@ -46,7 +46,7 @@ def test_reversible_y_and_z_both_converge(getkey):
     solver = rdeq.Reversible(0.7, state_dtype=None).prepare(z0, 200)
     from revdeq_jax._iterate import iterate, lax_while_loop
 
-    out = iterate((fn, x, z0), lax_while_loop, solver=solver, max_steps=200, tol=0.0)
+    out = iterate((fn, x, z0), lax_while_loop, solver=solver, max_steps=200, rtol=0.0, atol=0.0)
     y, z = solver.coupled(out.state)
     np.testing.assert_allclose(y, z, atol=1e-5)
     np.testing.assert_allclose(fn(z, x), z, atol=1e-5)

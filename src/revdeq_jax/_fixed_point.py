@@ -13,7 +13,7 @@ from ._adjoint.base import AbstractAdjoint
 from ._adjoint.implicit import ImplicitAdjoint
 from ._adjoint.reversible import ReversibleAdjoint
 from ._custom_types import Args, Fn, Z
-from ._iterate import iterate
+from ._iterate import check_tolerances, has_stopping_test, iterate
 from ._precision import UserFn
 from ._solution import classify, RESULTS, Solution
 from ._solver.base import AbstractReversibleSolver, AbstractSolver
@@ -21,8 +21,13 @@ from ._solver.reversible import Reversible
 from ._state import x64_enabled
 
 
-def check_options(solver, adjoint, max_steps, tol) -> None:
-    """Trace-time checks of the options shared by every entry point."""
+def check_options(
+    solver, adjoint, max_steps, rtol=None, atol=None, tol=None, *, owner="fixed_point"
+) -> tuple[float, float]:
+    """Trace-time checks of the options shared by every entry point.
+
+    **Returns:** the resolved `(rtol, atol)` (see `check_tolerances`).
+    """
     if not isinstance(solver, AbstractSolver):
         raise TypeError(
             f"`solver` must be a revdeq_jax solver such as `Reversible(beta=0.5)`, got {solver!r}."
@@ -36,13 +41,7 @@ def check_options(solver, adjoint, max_steps, tol) -> None:
         raise TypeError(f"`max_steps` must be a Python int, got {type(max_steps).__name__}.")
     if max_steps < 1:
         raise ValueError(f"`max_steps={max_steps}` must be at least 1.")
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
-        raise TypeError(f"`tol` must be a Python float, got {type(tol).__name__}.")
-    if not tol >= 0:
-        raise ValueError(
-            f"`tol={tol}` must be >= 0 (a relative residual); `tol=0` runs exactly "
-            "`max_steps` steps."
-        )
+    return check_tolerances(rtol, atol, tol, default_rtol=DEFAULT_RTOL, owner=owner)
 
 
 def _check_fn(fn: Fn, z0: Z, args: Args) -> tuple[UserFn, Z]:
@@ -62,7 +61,7 @@ def _check_fn(fn: Fn, z0: Z, args: Args) -> tuple[UserFn, Z]:
                 f"`z0` must hold real floating arrays, but has a leaf of dtype "
                 f"{leaf.dtype}. Cast it, e.g. `z0.astype(jnp.float32)`."
             )
-    out = jax.eval_shape(lambda z, a: fn(z, a), z0, args)
+    out = eqx.filter_eval_shape(lambda z, a: fn(z, a), z0, args)
     in_struct = jax.eval_shape(lambda: z0)
     if jtu.tree_structure(out) != jtu.tree_structure(in_struct):
         raise ValueError(
@@ -82,6 +81,9 @@ def _check_fn(fn: Fn, z0: Z, args: Args) -> tuple[UserFn, Z]:
     return UserFn(fn, x64_enabled()), z0
 
 
+DEFAULT_RTOL = 1e-3
+
+
 def default_adjoint(solver: AbstractSolver) -> AbstractAdjoint:
     """The adjoint used when none is named: [`revdeq_jax.ReversibleAdjoint`][] for a
     reversible solver, [`revdeq_jax.ImplicitAdjoint`][] (the classic DEQ gradient) for
@@ -98,18 +100,23 @@ def setup(
     solver: AbstractSolver,
     adjoint: AbstractAdjoint | None,
     max_steps: int,
-    tol: float,
-) -> tuple[UserFn, Z, AbstractSolver]:
+    rtol: float | None,
+    atol: float | None,
+    tol: float | None,
+) -> tuple[UserFn, Z, AbstractSolver, float, float]:
     """Everything `fixed_point` does before solving, once: option checks, `fn` against
     `z0`, closure conversion, and the solver prepared for `z0` and `max_steps` (the one
-    object the forward and the backward pass both use)."""
-    check_options(solver, adjoint, max_steps, tol)
+    object the forward and the backward pass both use).
+
+    **Returns:** `(fn, z0, solver, rtol, atol)`.
+    """
+    rtol, atol = check_options(solver, adjoint, max_steps, rtol, atol, tol)
     fn, z0 = _check_fn(fn, z0, args)
     differentiable = adjoint is not None and adjoint.differentiates_solver
     solver = solver.prepare(z0, max_steps, differentiable=differentiable)
     if adjoint is not None:
         adjoint.check(solver)
-    return fn, z0, solver
+    return fn, z0, solver, rtol, atol
 
 
 @eqx.filter_jit
@@ -121,7 +128,9 @@ def fixed_point(
     solver: AbstractSolver = Reversible(beta=0.5),
     adjoint: AbstractAdjoint | None = None,
     max_steps: int = 8,
-    tol: float = 1e-3,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    tol: float | None = None,
     throw: bool = False,
 ) -> Solution:
     r"""Finds $z^* = f(z^*, x)$ and makes it differentiable.
@@ -132,7 +141,9 @@ def fixed_point(
       shapes and dtypes of `z0`. It may be an `eqx.Module` or close over arrays: gradients
       flow to every floating array it holds.
     - `z0`: the initial guess, a PyTree of floating arrays (zeros are usual).
-    - `args`: anything else `fn` needs, e.g. the input injection $x$. Differentiable.
+    - `args`: anything else `fn` needs, e.g. the input injection $x$ or a whole model:
+      any PyTree. Gradients flow to its floating arrays; every other leaf (functions,
+      strings, ints, integer arrays) is treated as static.
     - `solver`: a solver, e.g. [`revdeq_jax.Reversible`][] (the default, `beta=0.5`,
       with the exact state for a float32 `z0`), [`revdeq_jax.Anderson`][].
     - `adjoint`: how to differentiate, e.g. [`revdeq_jax.ReversibleAdjoint`][] (exact,
@@ -141,8 +152,18 @@ def fixed_point(
       reversible solver, `ImplicitAdjoint()` for any other.
     - `max_steps`: the most solver steps to take (each step of `Reversible` evaluates `fn`
       twice).
-    - `tol`: stop once the relative residual $\|f(z) - z\| / \|f(z)\|$ is below `tol`;
-      `tol=0` always takes `max_steps` steps.
+    - `rtol`, `atol`: stop once
+
+        $\|f(z) - z\|_\mathrm{rms} \le \mathrm{atol} + \mathrm{rtol}\,\|f(z)\|_\mathrm{rms}$,
+
+      with $\|v\|_\mathrm{rms} = \|v\|_2 / \sqrt{n}$ over all $n$ elements of all
+      leaves (so `atol` does not depend on the size of the state, and `rtol` bounds the
+      relative residual $\|f(z) - z\|_2 / \|f(z)\|_2$). Defaults `rtol=1e-3`,
+      `atol=0`. A fixed point at or near 0 needs `atol > 0`: there the relative
+      residual does not fall as $z$ converges. `rtol=atol=0` always takes `max_steps`
+      steps.
+    - `tol`: another name for `rtol` (the name the RevDEQ paper uses); pass one of the
+      two.
     - `throw`: raise a runtime error (via `eqx.error_if`) if the iteration produced a
       non-finite value. Hitting `max_steps` is reported in `sol.result` but never raised:
       DEQs are usually run on a step budget.
@@ -155,17 +176,18 @@ def fixed_point(
     if not isinstance(throw, bool):
         raise TypeError(f"`throw` must be a bool, got {throw!r}.")
     adjoint = default_adjoint(solver) if adjoint is None else adjoint
-    fn, z0, solver = setup(fn, z0, args, solver, adjoint, max_steps, tol)
-    primal = ft.partial(iterate, solver=solver, max_steps=max_steps, tol=tol)
+    fn, z0, solver, rtol, atol = setup(fn, z0, args, solver, adjoint, max_steps, rtol, atol, tol)
+    primal = ft.partial(iterate, solver=solver, max_steps=max_steps, rtol=rtol, atol=atol)
     out = adjoint.apply(primal, (fn, args, z0), solver)
-    result = classify(out.converged, out.finite, tol)
+    result = classify(out.converged, out.finite, has_stopping_test(rtol, atol))
     value = out.value
     if throw:
         value = result.error_if(value, result == RESULTS.nonfinite)
     return Solution(
         value=value,
         num_steps=out.num_steps,
-        residual=out.residual,
+        residual=jax.lax.stop_gradient(out.residual),
+        abs_residual=jax.lax.stop_gradient(out.abs_residual),
         nfe=out.nfe,
         result=result,
         max_steps=max_steps,
@@ -179,7 +201,9 @@ def reconstruction_error(
     *,
     solver: AbstractReversibleSolver = Reversible(beta=0.5),
     max_steps: int = 8,
-    tol: float = 1e-3,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    tol: float | None = None,
 ) -> dict[str, np.ndarray]:
     r"""How exactly a reversible backward pass rebuilds its start from its end.
 
@@ -202,7 +226,9 @@ def reconstruction_error(
     $\max(\max|z_0|, 1)$; `"drift"` (see [`revdeq_jax.ReversibleAdjoint`][]);
     `"mismatch"`; and `"num_steps"`.
     """
-    check_options(solver, None, max_steps, tol)
+    rtol, atol = check_options(
+        solver, None, max_steps, rtol, atol, tol, owner="reconstruction_error"
+    )
     if not isinstance(solver, AbstractReversibleSolver):
         raise ValueError(
             "`reconstruction_error` needs a reversible solver such as "
@@ -213,7 +239,14 @@ def reconstruction_error(
 
     def _loss(z0):
         sol = fixed_point(
-            fn, z0, args, solver=solver, adjoint=adjoint, max_steps=max_steps, tol=tol
+            fn,
+            z0,
+            args,
+            solver=solver,
+            adjoint=adjoint,
+            max_steps=max_steps,
+            rtol=rtol,
+            atol=atol,
         )
         total = sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jtu.tree_leaves(sol.value))
         return total, sol.num_steps

@@ -1,4 +1,5 @@
-"""The one loop that drives every solver, and the loops an adjoint may run it with.
+"""The one loop that drives every solver, its stopping test, and the loops an adjoint may
+run it with.
 
 `iterate` is the primal computation. It is written once; an adjoint decides how it is
 run and differentiated by handing it a `while_loop`: `lax_while_loop` (not
@@ -7,6 +8,8 @@ that reverse-mode autodiff stores step by step) or `checkpointed_while_loop` (Eq
 online recursive checkpointing).
 """
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -18,7 +21,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._custom_types import Args, Fn, Z
-from ._misc import relative_residual
+from ._misc import residual_norm, tree_rms
 from ._solver.base import AbstractSolver
 
 
@@ -51,23 +54,92 @@ def checkpointed_while_loop(cond, body, init, *, max_steps: int):
     return eqxi.while_loop(cond, body, init, max_steps=max_steps, kind="checkpointed")
 
 
+def check_tolerances(
+    rtol: object,  # anything: this is the check that they are floats
+    atol: object,
+    tol: object,
+    *,
+    default_rtol: float,
+    owner: str,
+) -> tuple[float, float]:
+    """Trace-time checks of the tolerances of `owner` (e.g. `"fixed_point"`), and the
+    `(rtol, atol)` they resolve to.
+
+    `tol` is an alias of `rtol` (the name the paper and the first versions of this
+    library use); giving both is an error. `atol=None` means 0.
+    """
+    if tol is not None and rtol is not None:
+        raise TypeError(
+            f"`{owner}` got both `tol={tol}` and `rtol={rtol}`: `tol` is another name for "
+            "the relative tolerance `rtol`. Pass only one of them."
+        )
+    rtol_name = "tol" if tol is not None else "rtol"
+    rtol = tol if tol is not None else (default_rtol if rtol is None else rtol)
+    atol = 0.0 if atol is None else atol
+    for name, value in ((rtol_name, rtol), ("atol", atol)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"`{owner}(..., {name}=...)` must be a Python float, got "
+                f"{type(value).__name__}. Tolerances are static: to change them without "
+                "recompiling is not supported."
+            )
+        if not (0 <= value < math.inf):
+            raise ValueError(
+                f"`{name}={value}` must be >= 0 and finite. `{owner}` stops once "
+                "||f(z) - z|| <= atol + rtol * ||f(z)|| (RMS norms); `rtol=0, atol=0` "
+                "runs exactly `max_steps` steps."
+            )
+    return float(rtol), float(atol)
+
+
+def has_stopping_test(rtol: float, atol: float) -> bool:
+    """Whether the loop may stop early: `rtol = atol = 0` asks for exactly `max_steps`
+    steps (a fixed compute budget, as DEQs are often trained)."""
+    return rtol > 0 or atol > 0
+
+
+def stopping_test(
+    z: PyTree, fz: PyTree, rtol: float, atol: float
+) -> tuple[Bool[Array, ""], Float[Array, ""], Float[Array, ""], Bool[Array, ""]]:
+    r"""The stopping test of every solver, written once.
+
+    The iterate $z$ has converged when
+
+    $\|f(z) - z\|_\mathrm{rms} \le \mathrm{atol} + \mathrm{rtol}\,\|f(z)\|_\mathrm{rms}$,
+
+    with $\|v\|_\mathrm{rms} = \|v\|_2/\sqrt{n}$ over all $n$ elements of the PyTree
+    (so `atol` is a per-element size, whatever the size of the state, and `rtol` bounds
+    the familiar relative residual $\|f(z) - z\|_2 / \|f(z)\|_2$). `atol` is what
+    stops a solve whose fixed point is at or near 0, where the relative residual does not
+    decrease as $z$ converges. With `rtol = atol = 0` it never passes.
+
+    **Returns:** `(converged, abs_residual, rel_residual, finite)`, where the relative
+    residual is 0 when $f(z) = z = 0$ and `finite` says whether both $z$ and $f(z)$ are.
+    """
+    # Statistics, not differentiated (the norm's derivative at 0 is infinite).
+    z, fz = jax.lax.stop_gradient((z, fz))
+    diff = residual_norm(z, fz)
+    size = tree_rms(fz)
+    rel = diff / jnp.maximum(size, jnp.finfo(size.dtype).tiny)
+    finite = jnp.isfinite(diff) & jnp.isfinite(size)
+    if has_stopping_test(rtol, atol):
+        converged = finite & (diff <= atol + rtol * size)
+    else:
+        converged = jnp.zeros((), bool)
+    return converged, diff, rel, finite
+
+
 class LoopResult(eqx.Module):
     """What a run of the loop produced, before it is dressed up as a `Solution`."""
 
     value: PyTree
     num_steps: Int[Array, ""]
-    residual: Float[Array, ""]
+    residual: Float[Array, ""]  # relative: ||f(z) - z|| / ||f(z)||
+    abs_residual: Float[Array, ""]  # ||f(z) - z||_rms
     converged: Bool[Array, ""]
     finite: Bool[Array, ""]
     nfe: Int[Array, ""]
     state: Any = None  # the final solver state; dropped before leaving custom VJPs
-
-
-def _residual(solver: AbstractSolver, state) -> tuple[Array, Array]:
-    """Relative residual of the current iterate, and whether it is finite."""
-    z, fz = solver.current(state)
-    res = relative_residual(z, fz)
-    return res, jnp.isfinite(res)
 
 
 def iterate(
@@ -76,10 +148,11 @@ def iterate(
     *,
     solver: AbstractSolver,
     max_steps: int,
-    tol: float,
+    rtol: float,
+    atol: float,
 ) -> LoopResult:
-    """Runs `solver` from `z0` until the relative residual drops below `tol` (never, if
-    `tol == 0`), a non-finite value appears, or `max_steps` steps are taken.
+    """Runs `solver` from `z0` until `stopping_test` passes, a non-finite value appears,
+    or `max_steps` steps are taken.
 
     `inputs = (fn, args, z0)`; `solver` must already be prepared
     (`solver.prepare(z0, max_steps)`).
@@ -88,10 +161,13 @@ def iterate(
     with solver.scope():
         state0 = solver.init(fn, z0, args)
 
+        def _test(state):
+            return stopping_test(*solver.current(state), rtol, atol)
+
         def _cond(carry):
             n, state = carry
-            res, finite = _residual(solver, state)
-            return (n < max_steps) & finite & ~(res < tol)
+            converged, _, _, finite = _test(state)
+            return (n < max_steps) & finite & ~converged
 
         def _body(carry):
             n, state = carry
@@ -99,13 +175,14 @@ def iterate(
 
         init = (jnp.zeros((), jnp.int32), state0)
         n, state = while_loop(_cond, _body, init, max_steps=max_steps)
-        res, finite = _residual(solver, state)
+        converged, diff, rel, finite = _test(state)
         value, _ = solver.current(state)
         return LoopResult(
             value=value,
             num_steps=n,
-            residual=res.astype(jnp.float32),
-            converged=res < tol,
+            residual=rel.astype(jnp.float32),
+            abs_residual=diff.astype(jnp.float32),
+            converged=converged,
             finite=finite,
             nfe=(1 + solver.nfe_per_step * n).astype(jnp.int32),
             state=state,

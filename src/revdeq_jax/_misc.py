@@ -45,12 +45,18 @@ def tree_l2(tree: PyTree) -> Array:
     return jnp.where(jnp.isfinite(scale), jnp.sqrt(total) * safe, scale)
 
 
-def relative_residual(z: PyTree, fz: PyTree) -> Array:
-    r"""$\|f(z) - z\| / \|f(z)\|$ over the whole PyTree (0 when both are 0)."""
-    num = tree_l2(tree_sub(fz, z))
-    den = tree_l2(fz)
-    tiny = jnp.finfo(den.dtype).tiny
-    return num / jnp.maximum(den, tiny)
+def tree_rms(tree: PyTree) -> Array:
+    r"""Root mean square over every element of every leaf,
+    $\|v\|_\mathrm{rms} = \|v\|_2 / \sqrt{n}$ with $n$ the total number of elements;
+    overflow-safe like `tree_l2`."""
+    size = sum(jnp.size(x) for x in jtu.tree_leaves(tree))
+    norm = tree_l2(tree)
+    return norm / jnp.sqrt(jnp.asarray(max(size, 1), norm.dtype))
+
+
+def residual_norm(z: PyTree, fz: PyTree) -> Array:
+    r"""$\|f(z) - z\|_\mathrm{rms}$ over the whole PyTree: the absolute residual."""
+    return tree_rms(tree_sub(fz, z))
 
 
 def zeros_like_inexact(tree: PyTree) -> PyTree:

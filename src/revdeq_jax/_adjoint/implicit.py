@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._iterate import Inputs, iterate, lax_while_loop, LoopResult, WhileLoop
+from .._iterate import check_tolerances, Inputs, iterate, lax_while_loop, LoopResult, WhileLoop
 from .._misc import materialise, tree_add
 from .._solver.anderson import Anderson
 from .._solver.base import AbstractSolver
@@ -19,7 +19,7 @@ class ImplicitAdjoint(AbstractAdjoint):
 
     Treats the output as the exact fixed point $z^* = f(z^*, x; \theta)$, so for a
     cotangent $\bar z$ it solves the adjoint fixed-point system
-    $w = \bar z + J_z f(z^*)^\top w$ with `solver` (its own `tol` and `max_steps`) and
+    $w = \bar z + J_z f(z^*)^\top w$ with `solver` (its own `rtol`, `atol` and `max_steps`) and
     returns $\bar\theta = \partial_\theta f(z^*)^\top w$, $\bar x = \partial_x f(z^*)^\top w$,
     and a zero cotangent for `z0`. Memory is constant in the number of steps.
 
@@ -30,28 +30,38 @@ class ImplicitAdjoint(AbstractAdjoint):
         the gradient of the computation actually performed, which is what
         [`revdeq_jax.ReversibleAdjoint`][] returns. Prefer that where the solver allows.
 
-    **Arguments:**
-
-    - `solver`: the solver for the backward system (default `Anderson()`).
-    - `tol`: relative-residual tolerance of the backward solve.
-    - `max_steps`: step limit of the backward solve.
+    The backward solve stops by the same test as the forward one (see
+    [`revdeq_jax.fixed_point`][]), applied to $g(w) = \bar z + J_z f(z^*)^\top w$:
+    $\|g(w) - w\|_\mathrm{rms} \le \mathrm{atol} + \mathrm{rtol}\,\|g(w)\|_\mathrm{rms}$.
+    `atol` is in the units of the cotangent $\bar z$.
     """
 
-    solver: AbstractSolver = Anderson()
-    tol: float = 1e-6
-    max_steps: int = 30
+    solver: AbstractSolver
+    rtol: float
+    atol: float
+    max_steps: int
 
-    def __check_init__(self):
-        if (
-            isinstance(self.max_steps, bool)
-            or not isinstance(self.max_steps, int)
-            or self.max_steps < 1
-        ):
-            raise ValueError(
-                f"`ImplicitAdjoint(max_steps={self.max_steps!r})` must be an int >= 1."
-            )
-        if self.tol < 0:
-            raise ValueError(f"`ImplicitAdjoint(tol={self.tol})` must be >= 0.")
+    def __init__(
+        self,
+        solver: AbstractSolver = Anderson(),
+        tol: float | None = None,
+        max_steps: int = 30,
+        *,
+        rtol: float | None = None,
+        atol: float = 0.0,
+    ):
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"`ImplicitAdjoint(max_steps={max_steps!r})` must be an int >= 1.")
+        self.solver = solver
+        self.rtol, self.atol = check_tolerances(
+            rtol, atol, tol, default_rtol=1e-6, owner="ImplicitAdjoint"
+        )
+        self.max_steps = max_steps
+
+    @property
+    def tol(self) -> float:
+        """The relative tolerance `rtol` of the backward solve, under its other name."""
+        return self.rtol
 
     def apply(
         self,
@@ -99,9 +109,21 @@ def _implicit_solve_bwd(z_star, grad_out, perturbed, inputs, primal, adjoint):
         lax_while_loop,
         solver=solver,
         max_steps=adjoint.max_steps,
-        tol=adjoint.tol,
+        rtol=adjoint.rtol,
+        atol=adjoint.atol,
     ).value
     _, pull_params = eqx.filter_vjp(lambda f, a: f(z_star, a), fn, args)
     fn_bar, args_bar = pull_params(w)
     # The IFT gradient does not depend on the initial guess.
     return fn_bar, args_bar, jtu.tree_map(jnp.zeros_like, z0)
+
+
+ImplicitAdjoint.__init__.__doc__ = """**Arguments:**
+
+- `solver`: the solver for the backward system (default `Anderson()`).
+- `tol`: the relative tolerance of the backward solve, another name for `rtol`.
+- `max_steps`: step limit of the backward solve.
+- `rtol`: relative tolerance of the backward solve (default `1e-6`).
+- `atol`: absolute tolerance of the backward solve (default 0), in the units of the
+  cotangent.
+"""

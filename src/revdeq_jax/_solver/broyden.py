@@ -4,17 +4,18 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int, PyTree
 
 from .._custom_types import Args, Fn, Z
-from .._misc import relative_residual, tree_where
+from .._misc import residual_norm, tree_where
 from .base import AbstractSolver
 
 
 class BroydenState(eqx.Module):
-    z: PyTree  # the best iterate so far (lowest residual): what the solver returns
+    z: PyTree  # the best iterate so far (lowest ||f(z) - z||): what the solver returns
     fz: PyTree
     best_res: Float[Array, ""]
     x: Float[Array, " n"]  # the current iterate, flattened, and f - x there
@@ -34,9 +35,11 @@ class Broyden(AbstractSolver[BroydenState]):
     step $z \leftarrow z - B g(z)$. Keeps the last `m` rank-one terms (a circular buffer).
     One evaluation of $f$ per step; no line search. Not reversible.
 
-    Like the DEQ reference implementation it returns the iterate with the lowest relative
-    residual seen so far: near the precision floor Broyden updates are made of noise and
-    the iteration can wander off.
+    Like the DEQ reference implementation it returns the best iterate seen so far, the
+    one with the lowest residual $\|f(z) - z\|$: near the precision floor Broyden
+    updates are made of noise and the iteration can wander off. (The absolute residual,
+    not the relative one: it bounds the distance to the fixed point of a contraction,
+    $\|z - z^*\| \le \|f(z) - z\| / (1 - k)$, also where that fixed point is 0.)
 
     The state is flattened into one vector per example, so all leaves of `z0` should
     share a dtype.
@@ -55,7 +58,7 @@ class Broyden(AbstractSolver[BroydenState]):
         x, unravel = ravel_pytree(z0)
         g = ravel_pytree(fz)[0] - x
         us = jnp.zeros((self.m, x.size), x.dtype)
-        res = relative_residual(z0, fz)
+        res = jax.lax.stop_gradient(residual_norm(z0, fz))
         return BroydenState(z0, fz, res, x, g, us, us, jnp.zeros((), jnp.int32), unravel)
 
     def step(self, fn: Fn, state: BroydenState, args: Args) -> BroydenState:
@@ -81,7 +84,7 @@ class Broyden(AbstractSolver[BroydenState]):
         u = jnp.where(ok, (dx - b_dg) / safe, 0)
         v = jnp.where(ok, vt, 0)
         slot = state.k % self.m
-        res = relative_residual(z, fz)
+        res = jax.lax.stop_gradient(residual_norm(z, fz))  # steers only
         better = res < state.best_res
         return BroydenState(
             tree_where(better, z, state.z),

@@ -36,15 +36,20 @@ class DEQ(eqx.Module):
     - `adjoint`: gradient strategy (default: `ReversibleAdjoint()` for a reversible
       solver, `ImplicitAdjoint()` for any other).
     - `max_steps`: solver step budget.
-    - `tol`: relative-residual tolerance (`0`: always take `max_steps` steps).
+    - `tol`: the relative tolerance, another name for `rtol`.
     - `throw`: raise at run time on non-finite values.
+    - `rtol`, `atol`: stop once
+      $\|f(z) - z\|_\mathrm{rms} \le \mathrm{atol} + \mathrm{rtol}\,\|f(z)\|_\mathrm{rms}$
+      (defaults `rtol=1e-3`, `atol=0`; see [`revdeq_jax.fixed_point`][]). `rtol=atol=0`
+      always takes `max_steps` steps.
     """
 
     layer: Callable
     solver: AbstractSolver
     adjoint: AbstractAdjoint
     max_steps: int = eqx.field(static=True)
-    tol: float = eqx.field(static=True)
+    rtol: float = eqx.field(static=True)
+    atol: float = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
 
     def __init__(
@@ -53,19 +58,28 @@ class DEQ(eqx.Module):
         solver: AbstractSolver | None = None,
         adjoint: AbstractAdjoint | None = None,
         max_steps: int = 8,
-        tol: float = 1e-3,
+        tol: float | None = None,
         throw: bool = False,
+        *,
+        rtol: float | None = None,
+        atol: float = 0.0,
     ):
         self.layer = layer
         self.solver = Reversible() if solver is None else solver
         self.adjoint = default_adjoint(self.solver) if adjoint is None else adjoint
         self.max_steps = max_steps
-        self.tol = tol
+        self.rtol, self.atol = check_options(
+            self.solver, self.adjoint, max_steps, rtol, atol, tol, owner="DEQ"
+        )
         self.throw = throw
 
     def __check_init__(self):
-        check_options(self.solver, self.adjoint, self.max_steps, self.tol)
         self.adjoint.check(self.solver)
+
+    @property
+    def tol(self) -> float:
+        """The relative tolerance `rtol`, under its other name."""
+        return self.rtol
 
     def __call__(
         self, x: Any, z0: Any = None, *, return_solution: bool = False
@@ -93,7 +107,8 @@ class DEQ(eqx.Module):
             solver=self.solver,
             adjoint=self.adjoint,
             max_steps=self.max_steps,
-            tol=self.tol,
+            rtol=self.rtol,
+            atol=self.atol,
             throw=self.throw,
         )
         return (sol.value, sol) if return_solution else sol.value
