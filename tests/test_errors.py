@@ -117,7 +117,7 @@ def test_unknown_option_is_a_type_error():
 
 
 def test_other_constructor_checks():
-    with pytest.raises(ValueError, match="memory `m` must be >= 1"):
+    with pytest.raises(ValueError, match="memory `m` must be an int >= 1"):
         rdeq.Anderson(m=0)
     with pytest.raises(ValueError, match="must be an int >= 1"):
         rdeq.PhantomAdjoint(steps=0)
