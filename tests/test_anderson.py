@@ -110,7 +110,7 @@ def test_still_accelerates(x64):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(m=0), "must be an int >= 1"),
+        (dict(m=0), "memory `m` must be >= 1"),
         (dict(beta=0.0), "must lie in \\(0, 1\\]"),
         (dict(ridge=-1.0), "must be >= 0 and finite"),
         (dict(restart=1.0), "must be > 1"),
@@ -119,3 +119,27 @@ def test_still_accelerates(x64):
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         rdeq.Anderson(**kwargs)
+
+
+def test_unrolled_gradient_finite_at_a_zero_fixed_point(x64):
+    """Autodiff through Anderson run to a fixed point at 0: the chain rule through the
+    residuals' normalisation g / max|g| formed g / max|g|**2, which overflows as g
+    underflows (NaN gradient after 300 steps). The weights do not depend on the scale,
+    so it carries no gradient; the gradient is then that of A^N z0 ~ 0."""
+    problem = PROBLEMS["linear0"]
+
+    def loss(args):
+        sol = rdeq.fixed_point(
+            problem.fn,
+            problem.start(jnp.float64),
+            args,
+            solver=rdeq.Anderson(),
+            adjoint=rdeq.UnrolledAdjoint(),
+            max_steps=300,
+            rtol=0.0,
+        )
+        return jnp.sum(jnp.sin(sol.value))
+
+    (grad,) = jax.grad(loss)(problem.args(jnp.float64))
+    assert np.all(np.isfinite(grad))
+    assert np.max(np.abs(grad)) <= 1e-100

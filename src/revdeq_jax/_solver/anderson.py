@@ -64,6 +64,14 @@ class Anderson(AbstractSolver[AndersonState]):
     The state is flattened into one vector per example, so all leaves of `z0` should
     share a dtype.
 
+    !!! warning
+
+        Differentiate it with [`revdeq_jax.ImplicitAdjoint`][]. Unrolling it
+        ([`revdeq_jax.UnrolledAdjoint`][]) is exact for the steps taken, but the
+        derivative of the weights of residuals that have reached the rounding floor
+        is noise: run far past convergence, the unrolled gradient can be wrong by O(1)
+        in float32.
+
     **Arguments:**
 
     - `m`: memory (number of past iterates), >= 1. `m=1` is relaxed iteration.
@@ -82,7 +90,7 @@ class Anderson(AbstractSolver[AndersonState]):
 
     def __check_init__(self):
         if isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 1:
-            raise ValueError(f"`Anderson(m={self.m!r})`: the memory `m` must be an int >= 1.")
+            raise ValueError(f"`Anderson(m={self.m!r})`: the memory `m` must be >= 1 (an int).")
         if not 0 < self.beta <= 1:
             raise ValueError(f"`Anderson(beta={self.beta})`: `beta` must lie in (0, 1].")
         if not 0 <= self.ridge < float("inf"):
@@ -115,7 +123,10 @@ class Anderson(AbstractSolver[AndersonState]):
         dtype = jnp.promote_types(x.dtype, jnp.float32)
         g = jnp.where(valid, fs - xs, 0).astype(dtype)
         # Scale by the largest entry, so that squares neither underflow nor overflow.
-        scale = jnp.max(jnp.abs(g))
+        # The weights do not depend on the scale (they are homogeneous of degree 0 in
+        # g), so it carries no gradient: the chain rule through g / scale would form
+        # g / scale**2, which overflows near a fixed point at 0.
+        scale = jax.lax.stop_gradient(jnp.max(jnp.abs(g)))
         nonzero = jnp.isfinite(scale) & (scale > 0)
         g = g / jnp.where(nonzero, scale, 1)
         gram = g @ g.T

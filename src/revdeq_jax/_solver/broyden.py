@@ -43,6 +43,13 @@ class Broyden(AbstractSolver[BroydenState]):
 
     The state is flattened into one vector per example, so all leaves of `z0` should
     share a dtype.
+
+    !!! warning
+
+        Differentiate it with [`revdeq_jax.ImplicitAdjoint`][]. Unrolling it
+        ([`revdeq_jax.UnrolledAdjoint`][]) far past convergence differentiates rank-one
+        updates divided by products of rounding-level differences, which overflows to
+        NaN.
     """
 
     m: int = eqx.field(default=8, static=True)
