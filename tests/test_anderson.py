@@ -110,7 +110,7 @@ def test_still_accelerates(x64):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(m=0), "memory `m` must be >= 1"),
+        (dict(m=0), "memory `m` must be an int >= 1"),
         (dict(beta=0.0), "must lie in \\(0, 1\\]"),
         (dict(ridge=-1.0), "must be >= 0 and finite"),
         (dict(restart=1.0), "must be > 1"),

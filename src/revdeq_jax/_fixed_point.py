@@ -14,6 +14,7 @@ from ._adjoint.implicit import ImplicitAdjoint
 from ._adjoint.reversible import ReversibleAdjoint
 from ._custom_types import Args, Fn, Z
 from ._iterate import check_tolerances, has_stopping_test, iterate
+from ._misc import check_self_map
 from ._precision import UserFn
 from ._solution import classify, RESULTS, Solution
 from ._solver.base import AbstractReversibleSolver, AbstractSolver
@@ -52,29 +53,7 @@ def _check_fn(fn: Fn, z0: Z, args: Args) -> tuple[UserFn, Z]:
     cotangents for it.
     """
     z0 = jtu.tree_map(jnp.asarray, z0)
-    leaves = jtu.tree_leaves(z0)
-    if not leaves:
-        raise ValueError("`z0` has no array leaves: there is nothing to solve for.")
-    for leaf in leaves:
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise ValueError(
-                f"`z0` must hold real floating arrays, but has a leaf of dtype "
-                f"{leaf.dtype}. Cast it, e.g. `z0.astype(jnp.float32)`."
-            )
-    out = eqx.filter_eval_shape(lambda z, a: fn(z, a), z0, args)
-    in_struct = jax.eval_shape(lambda: z0)
-    if jtu.tree_structure(out) != jtu.tree_structure(in_struct):
-        raise ValueError(
-            "`fn(z, args)` must return the same PyTree structure as `z0`, but `z0` is "
-            f"{jtu.tree_structure(in_struct)} and `fn` returned {jtu.tree_structure(out)}."
-        )
-    for (path, o), i in zip(jtu.tree_leaves_with_path(out), jtu.tree_leaves(in_struct)):
-        if o.shape != i.shape or o.dtype != i.dtype:
-            raise ValueError(
-                f"`fn(z, args)` must return arrays with the shapes and dtypes of `z0`, but "
-                f"at {jtu.keystr(path) or 'the root'} `z0` is {i.dtype}{list(i.shape)} "
-                f"and `fn` returned {o.dtype}{list(o.shape)}."
-            )
+    check_self_map(fn, z0, args, name="z0", empty="there is nothing to solve for.")
     # Through a plain function: some callables (e.g. `eqx.filter_vmap(layer)`) cannot be
     # closure-converted directly, while every array they hold is still found this way.
     fn = eqx.filter_closure_convert(lambda z, a: fn(z, a), z0, args)

@@ -142,6 +142,11 @@ class LoopResult(eqx.Module):
     state: Any = None  # the final solver state; dropped before leaving custom VJPs
 
 
+Primal: TypeAlias = Callable[[Inputs, WhileLoop], LoopResult]
+"""`primal(inputs, while_loop)`: `iterate` with the solver and tolerances bound, what an
+adjoint is handed to run."""
+
+
 def iterate(
     inputs: Inputs,
     while_loop: WhileLoop,

@@ -10,6 +10,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ._custom_types import Args, Fn, Z
+from ._misc import check_self_map
 from .nn._deq import DEQ
 
 
@@ -127,7 +128,7 @@ def jacobian_penalty(
     if probe not in _PROBES:
         raise ValueError(f"`probe` must be one of {_PROBES}, got {probe!r}.")
     z = jtu.tree_map(jnp.asarray, z)
-    _check_fn(fn, z, args)
+    check_self_map(fn, z, args, name="z", empty="there is no Jacobian to regularise.")
     probes = _draw_probes(key, z, num_probes, probe)
     return hutchinson(fn, z, args, probes)
 
@@ -143,34 +144,6 @@ def hutchinson(fn: Fn, z: Z, args: Args, probes: PyTree) -> Float[Array, ""]:
     num_probes = leaves[0].shape[0]
     dim = sum(leaf.size for leaf in jtu.tree_leaves(z))
     return total / jnp.asarray(num_probes * dim, dtype)
-
-
-def _check_fn(fn: Fn, z: Z, args: Args) -> None:
-    """Trace-time checks: `z` is a PyTree of floating arrays and `fn` maps it to its own
-    structure, shapes and dtypes (a Jacobian of a map $\\mathbb{R}^d \\to \\mathbb{R}^d$)."""
-    leaves = jtu.tree_leaves(z)
-    if not leaves:
-        raise ValueError("`z` has no array leaves: there is no Jacobian to regularise.")
-    for leaf in leaves:
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise ValueError(
-                f"`z` must hold real floating arrays, but has a leaf of dtype {leaf.dtype}. "
-                "Cast it, e.g. `z.astype(jnp.float32)`."
-            )
-    out = jax.eval_shape(lambda _z, _a: fn(_z, _a), z, args)
-    in_struct = jax.eval_shape(lambda: z)
-    if jtu.tree_structure(out) != jtu.tree_structure(in_struct):
-        raise ValueError(
-            "`fn(z, args)` must return the same PyTree structure as `z`, but `z` is "
-            f"{jtu.tree_structure(in_struct)} and `fn` returned {jtu.tree_structure(out)}."
-        )
-    for (path, o), i in zip(jtu.tree_leaves_with_path(out), jtu.tree_leaves(in_struct)):
-        if o.shape != i.shape or o.dtype != i.dtype:
-            raise ValueError(
-                f"`fn(z, args)` must return arrays with the shapes and dtypes of `z`, but at "
-                f"{jtu.keystr(path) or 'the root'} `z` is {i.dtype}{list(i.shape)} and `fn` "
-                f"returned {o.dtype}{list(o.shape)}."
-            )
 
 
 def _draw_probes(key: PRNGKeyArray, z: Z, num_probes: int, probe: str) -> PyTree:

@@ -101,3 +101,35 @@ def tree_scale(a: float, tree: PyTree) -> PyTree:
 def tree_add(x: PyTree, y: PyTree) -> PyTree:
     """`x + y`, leafwise, in the dtype of `x`."""
     return jtu.tree_map(lambda u, v: u + v.astype(u.dtype), x, y)
+
+
+def check_self_map(fn, z: PyTree, args: PyTree, *, name: str, empty: str) -> None:
+    """Trace-time checks that `z` is a PyTree of real floating arrays and that
+    `fn(z, args)` returns its structure, shapes and dtypes (a map of the state to itself).
+
+    `name` is what the caller calls `z` (`"z0"`, `"z"`); `empty` ends the message for a
+    `z` without array leaves.
+    """
+    leaves = jtu.tree_leaves(z)
+    if not leaves:
+        raise ValueError(f"`{name}` has no array leaves: {empty}")
+    for leaf in leaves:
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise ValueError(
+                f"`{name}` must hold real floating arrays, but has a leaf of dtype "
+                f"{leaf.dtype}. Cast it, e.g. `{name}.astype(jnp.float32)`."
+            )
+    out = eqx.filter_eval_shape(lambda z_, a_: fn(z_, a_), z, args)
+    in_struct = jax.eval_shape(lambda: z)
+    if jtu.tree_structure(out) != jtu.tree_structure(in_struct):
+        raise ValueError(
+            f"`fn(z, args)` must return the same PyTree structure as `{name}`, but `{name}` "
+            f"is {jtu.tree_structure(in_struct)} and `fn` returned {jtu.tree_structure(out)}."
+        )
+    for (path, o), i in zip(jtu.tree_leaves_with_path(out), jtu.tree_leaves(in_struct)):
+        if o.shape != i.shape or o.dtype != i.dtype:
+            raise ValueError(
+                f"`fn(z, args)` must return arrays with the shapes and dtypes of `{name}`, "
+                f"but at {jtu.keystr(path) or 'the root'} `{name}` is "
+                f"{i.dtype}{list(i.shape)} and `fn` returned {o.dtype}{list(o.shape)}."
+            )

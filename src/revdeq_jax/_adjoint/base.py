@@ -1,12 +1,11 @@
 """Abstract gradient strategy: how the fixed-point loop is run and differentiated."""
 
 import abc
-from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
 
-from .._iterate import Inputs, LoopResult, WhileLoop
+from .._iterate import Inputs, LoopResult, Primal
 from .._solver.base import AbstractSolver
 
 
@@ -27,12 +26,7 @@ class AbstractAdjoint(eqx.Module):
         del solver
 
     @abc.abstractmethod
-    def apply(
-        self,
-        primal: Callable[[Inputs, WhileLoop], LoopResult],
-        inputs: Inputs,
-        solver: AbstractSolver,
-    ) -> LoopResult:
+    def apply(self, primal: Primal, inputs: Inputs, solver: AbstractSolver) -> LoopResult:
         """Solves for the fixed point, differentiably.
 
         **Arguments:**

@@ -1,13 +1,11 @@
 """Implicit-function-theorem gradients (classic DEQ)."""
 
-from collections.abc import Callable
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._iterate import check_tolerances, Inputs, iterate, lax_while_loop, LoopResult, WhileLoop
+from .._iterate import check_tolerances, Inputs, iterate, lax_while_loop, LoopResult, Primal
 from .._misc import materialise, tree_add
 from .._solver.anderson import Anderson
 from .._solver.base import AbstractSolver
@@ -63,12 +61,7 @@ class ImplicitAdjoint(AbstractAdjoint):
         """The relative tolerance `rtol` of the backward solve, under its other name."""
         return self.rtol
 
-    def apply(
-        self,
-        primal: Callable[[Inputs, WhileLoop], LoopResult],
-        inputs: Inputs,
-        solver: AbstractSolver,
-    ) -> LoopResult:
+    def apply(self, primal: Primal, inputs: Inputs, solver: AbstractSolver) -> LoopResult:
         del solver
         out = _implicit_solve(inputs, primal, self)
         return eqx.tree_at(lambda r: r.residual, out, jax.lax.stop_gradient(out.residual))

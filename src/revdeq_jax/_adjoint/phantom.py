@@ -1,12 +1,10 @@
 """Phantom gradients and Jacobian-free backpropagation."""
 
-from collections.abc import Callable
-
 import equinox as eqx
 import jax
 import jax.tree_util as jtu
 
-from .._iterate import Inputs, lax_while_loop, LoopResult, WhileLoop
+from .._iterate import Inputs, lax_while_loop, LoopResult, Primal
 from .._misc import stop_gradient_inexact, tree_combine_lin
 from .._solver.base import AbstractSolver
 from .base import AbstractAdjoint
@@ -63,12 +61,7 @@ class PhantomAdjoint(AbstractAdjoint):
         if not 0 < self.damping <= 1:
             raise ValueError(f"`PhantomAdjoint(damping={self.damping})` must lie in (0, 1].")
 
-    def apply(
-        self,
-        primal: Callable[[Inputs, WhileLoop], LoopResult],
-        inputs: Inputs,
-        solver: AbstractSolver,
-    ) -> LoopResult:
+    def apply(self, primal: Primal, inputs: Inputs, solver: AbstractSolver) -> LoopResult:
         del solver
         out = primal(stop_gradient_inexact(inputs), lax_while_loop)
         fn, args, _ = inputs

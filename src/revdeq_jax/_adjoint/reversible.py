@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from jaxtyping import Array
 
-from .._iterate import Inputs, lax_while_loop, LoopResult, WhileLoop
+from .._iterate import Inputs, lax_while_loop, LoopResult, Primal
 from .._misc import materialise, tree_add, tree_cast_like, zeros_like_inexact
 from .._solver.base import AbstractReversibleSolver, AbstractSolver
 from .base import AbstractAdjoint
@@ -77,16 +77,7 @@ class ReversibleAdjoint(AbstractAdjoint):
       $2^{m-1}$, see [`revdeq_jax.ExactState`][]; 0 elsewhere); and `"mismatch"`
       (per example under `vmap`).
 
-    ??? cite "References"
-
-        ```bibtex
-        @article{mccallum2025reversible,
-            title={Reversible Deep Equilibrium Models},
-            author={McCallum, Sam and Arora, Kamran and Foster, James},
-            journal={arXiv:2509.12917},
-            year={2025}
-        }
-        ```
+    The method and its reference: [`revdeq_jax.Reversible`][].
     """
 
     on_mismatch: Literal["raise", "warn", "ignore"] = eqx.field(default="raise", static=True)
@@ -114,12 +105,7 @@ class ReversibleAdjoint(AbstractAdjoint):
                 "grows with steps)."
             )
 
-    def apply(
-        self,
-        primal: Callable[[Inputs, WhileLoop], LoopResult],
-        inputs: Inputs,
-        solver: AbstractSolver,
-    ) -> LoopResult:
+    def apply(self, primal: Primal, inputs: Inputs, solver: AbstractSolver) -> LoopResult:
         self.check(solver)
         out = _reversible_solve(inputs, primal, solver, self)
         return eqx.tree_at(lambda r: r.residual, out, jax.lax.stop_gradient(out.residual))

@@ -1,12 +1,13 @@
 """Plain autodiff through every stored iteration, and its checkpointed variant."""
 
-from collections.abc import Callable
+import abc
 from typing import ClassVar
 
 from .._iterate import (
     checkpointed_while_loop,
     Inputs,
     LoopResult,
+    Primal,
     unrolled_while_loop,
     WhileLoop,
 )
@@ -14,18 +15,32 @@ from .._solver.base import AbstractSolver
 from .base import AbstractAdjoint
 
 
-def _check_differentiable(adjoint: AbstractAdjoint, solver: AbstractSolver) -> None:
-    if not solver.differentiable:
-        raise ValueError(
-            f"`{type(adjoint).__name__}` differentiates through the solver's own "
-            "arithmetic, which for this solver's state (e.g. `state_dtype='exact'` or "
-            "`'auto'`) is integer arithmetic with zero derivative. Use "
-            "`ReversibleAdjoint()` (which gives exactly the gradient of this forward "
-            "pass), or a floating `state_dtype` for the unrolled reference."
-        )
+class _AutodiffAdjoint(AbstractAdjoint):
+    """Reverse-mode autodiff through the solver's own steps, run with the loop
+    `while_loop()` gives."""
+
+    differentiates_solver: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def while_loop(self) -> WhileLoop:
+        """The reverse-differentiable loop the primal runs with."""
+
+    def check(self, solver: AbstractSolver) -> None:
+        if not solver.differentiable:
+            raise ValueError(
+                f"`{type(self).__name__}` differentiates through the solver's own "
+                "arithmetic, which for this solver's state (e.g. `state_dtype='exact'` or "
+                "`'auto'`) is integer arithmetic with zero derivative. Use "
+                "`ReversibleAdjoint()` (which gives exactly the gradient of this forward "
+                "pass), or a floating `state_dtype` for the unrolled reference."
+            )
+
+    def apply(self, primal: Primal, inputs: Inputs, solver: AbstractSolver) -> LoopResult:
+        self.check(solver)
+        return primal(inputs, self.while_loop())
 
 
-class UnrolledAdjoint(AbstractAdjoint):
+class UnrolledAdjoint(_AutodiffAdjoint):
     """Backpropagates through the stored iterations with ordinary reverse-mode autodiff.
 
     The loop is a `lax.scan` over all `max_steps` steps; once the residual drops below
@@ -39,22 +54,11 @@ class UnrolledAdjoint(AbstractAdjoint):
     network" baseline.
     """
 
-    differentiates_solver: ClassVar[bool] = True
-
-    def check(self, solver: AbstractSolver) -> None:
-        _check_differentiable(self, solver)
-
-    def apply(
-        self,
-        primal: Callable[[Inputs, WhileLoop], LoopResult],
-        inputs: Inputs,
-        solver: AbstractSolver,
-    ) -> LoopResult:
-        self.check(solver)
-        return primal(inputs, unrolled_while_loop)
+    def while_loop(self) -> WhileLoop:
+        return unrolled_while_loop
 
 
-class CheckpointAdjoint(AbstractAdjoint):
+class CheckpointAdjoint(_AutodiffAdjoint):
     """Exact autodiff through the loop with online recursive checkpointing.
 
     Uses `equinox.internal.while_loop(kind="checkpointed")`: the loop stops early on
@@ -64,16 +68,5 @@ class CheckpointAdjoint(AbstractAdjoint):
     [`revdeq_jax.UnrolledAdjoint`][].
     """
 
-    differentiates_solver: ClassVar[bool] = True
-
-    def check(self, solver: AbstractSolver) -> None:
-        _check_differentiable(self, solver)
-
-    def apply(
-        self,
-        primal: Callable[[Inputs, WhileLoop], LoopResult],
-        inputs: Inputs,
-        solver: AbstractSolver,
-    ) -> LoopResult:
-        self.check(solver)
-        return primal(inputs, checkpointed_while_loop)
+    def while_loop(self) -> WhileLoop:
+        return checkpointed_while_loop

@@ -90,7 +90,7 @@ class Anderson(AbstractSolver[AndersonState]):
 
     def __check_init__(self):
         if isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 1:
-            raise ValueError(f"`Anderson(m={self.m!r})`: the memory `m` must be >= 1 (an int).")
+            raise ValueError(f"`Anderson(m={self.m!r})`: the memory `m` must be an int >= 1.")
         if not 0 < self.beta <= 1:
             raise ValueError(f"`Anderson(beta={self.beta})`: `beta` must lie in (0, 1].")
         if not 0 <= self.ridge < float("inf"):

@@ -2,12 +2,13 @@
 
 import abc
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Float, PyTree
 
 
@@ -131,3 +132,11 @@ def deviation_size(dev: Array, z0: Array) -> tuple[Array, Array]:
     err = jnp.where(finite, jnp.max(jnp.abs(dev), initial=0.0), jnp.inf).astype(jnp.float32)
     scale = jnp.maximum(jnp.max(jnp.abs(z0), initial=0.0).astype(jnp.float32), 1.0)
     return err, err / scale
+
+
+def refuse_wide_z0(z0: PyTree[Array], why: Callable[[Any], str]) -> None:
+    """Raises `ValueError(why(dtype))` for the first leaf of `z0` wider than 32 bits: the
+    states that hold about 32 (exact) or 48 (float32x2) bits would round it."""
+    for leaf in jtu.tree_leaves(z0):
+        if jnp.finfo(leaf.dtype).bits > 32:
+            raise ValueError(why(leaf.dtype))

@@ -75,10 +75,9 @@ from typing import Any, ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Float, Int, PyTree, UInt32
 
-from .base import AbstractState, x64_scope
+from .base import AbstractState, refuse_wide_z0, x64_scope
 
 
 MAX_DENOMINATOR = 1 << 16
@@ -206,14 +205,15 @@ class ExactState(AbstractState):
         rational_beta(beta)
 
     def check(self, z0: PyTree[Array]) -> None:
-        for leaf in jtu.tree_leaves(z0):
-            if jnp.finfo(leaf.dtype).bits > 32:
-                raise ValueError(
-                    f"`state_dtype='exact'` holds a fixed-point grid of 2**-"
-                    f"{self.fraction_bits}, coarser than the {leaf.dtype} `z0`: it would "
-                    "round the model's state. Use `state_dtype=None` (a float64 state) or "
-                    '`"auto"` for a float64 model.'
-                )
+        refuse_wide_z0(
+            z0,
+            lambda dtype: (
+                f"`state_dtype='exact'` holds a fixed-point grid of 2**-"
+                f"{self.fraction_bits}, coarser than the {dtype} `z0`: it would round the "
+                'model\'s state. Use `state_dtype=None` (a float64 state) or `"auto"` for a '
+                "float64 model."
+            ),
+        )
 
     def resolve(
         self, z0: PyTree[Array], beta: float, max_steps: int, differentiable: bool = False

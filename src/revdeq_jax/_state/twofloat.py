@@ -2,12 +2,10 @@
 
 from typing import Any, ClassVar
 
-import jax.numpy as jnp
-import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Float, PyTree
 
 from .. import _twofloat as tf
-from .base import AbstractState, deviation_size, FLOAT_MISMATCH_RTOL
+from .base import AbstractState, deviation_size, FLOAT_MISMATCH_RTOL, refuse_wide_z0
 
 
 class TwoFloatState(AbstractState):
@@ -27,13 +25,14 @@ class TwoFloatState(AbstractState):
     differentiable: ClassVar[bool] = True
 
     def check(self, z0: PyTree[Array]) -> None:
-        for leaf in jtu.tree_leaves(z0):
-            if jnp.finfo(leaf.dtype).bits > 32:
-                raise ValueError(
-                    f'`state_dtype="float32x2"` holds about 48 bits, fewer than the dtype '
-                    f"{leaf.dtype} of `z0`: the solver state would lose precision that "
-                    "`fn` has. Use `state_dtype=None` for a float64 model."
-                )
+        refuse_wide_z0(
+            z0,
+            lambda dtype: (
+                '`state_dtype="float32x2"` holds about 48 bits, fewer than the '
+                f"dtype {dtype} of `z0`: the solver state would lose precision that `fn` has. "
+                "Use `state_dtype=None` for a float64 model."
+            ),
+        )
 
     def is_leaf(self, x: Any) -> bool:
         return isinstance(x, tf.TwoFloat)

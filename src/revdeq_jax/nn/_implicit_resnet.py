@@ -2,7 +2,7 @@
 single-scale model of the RevDEQ paper (section 4.2, appendix B.2)."""
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import equinox as eqx
 import jax
@@ -17,6 +17,12 @@ from ._deq import DEQ
 
 
 VISION_BETA = 0.8  # the paper's relaxation for the image models (appendix B.2)
+
+
+Image: TypeAlias = Float[Array, "cin h w"]
+Key: TypeAlias = PRNGKeyArray
+Output: TypeAlias = tuple[Float[Array, " classes"], eqx.nn.State, dict[str, Array]]
+"""`(logits, state, stats)`: what both classifiers return for one image."""
 
 
 def _solver_adjoint(solver, adjoint):
@@ -57,34 +63,21 @@ class PreActDownsample(eqx.Module):
         key: PRNGKeyArray,
     ):
         k1, k2, k3 = jr.split(key, 3)
-        self.norm1 = eqx.nn.BatchNorm(
-            in_channels, "batch", momentum=momentum, mode="batch", dtype=dtype
-        )
-        self.conv1 = eqx.nn.Conv2d(
-            in_channels,
-            out_channels,
-            3,
-            stride=2,
-            padding=1,
-            use_bias=False,
-            dtype=dtype,
-            key=k1,
-        )
-        self.norm2 = eqx.nn.BatchNorm(
-            out_channels, "batch", momentum=momentum, mode="batch", dtype=dtype
-        )
-        self.conv2 = eqx.nn.Conv2d(
-            out_channels,
-            out_channels,
-            3,
-            padding=1,
-            use_bias=False,
-            dtype=dtype,
-            key=k2,
-        )
-        self.shortcut = eqx.nn.Conv2d(
-            in_channels, out_channels, 1, stride=2, use_bias=False, dtype=dtype, key=k3
-        )
+
+        def norm(channels):
+            return eqx.nn.BatchNorm(channels, "batch", momentum=momentum, mode="batch", dtype=dtype)
+
+        def conv(c_in, size, stride, k):
+            padding = size // 2
+            return eqx.nn.Conv2d(
+                c_in, out_channels, size, stride, padding, use_bias=False, dtype=dtype, key=k
+            )
+
+        self.norm1 = norm(in_channels)
+        self.conv1 = conv(in_channels, 3, 2, k1)
+        self.norm2 = norm(out_channels)
+        self.conv2 = conv(out_channels, 3, 1, k2)
+        self.shortcut = conv(in_channels, 1, 2, k3)
 
     def __call__(
         self, x: Float[Array, "cin h w"], state: eqx.nn.State
@@ -190,13 +183,7 @@ class ImplicitResNet(eqx.Module):
         self.head = eqx.nn.Linear(channels[-1], num_classes, dtype=dtype, key=k_head)
         self.deq_residual = deq_residual
 
-    def __call__(
-        self,
-        x: Float[Array, "cin h w"],
-        state: eqx.nn.State,
-        *,
-        key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, " classes"], eqx.nn.State, dict[str, Array]]:
+    def __call__(self, x: Image, state: eqx.nn.State, *, key: Key | None = None) -> Output:
         """Returns `(logits, state, stats)`; `stats` holds this example's solver statistics:
         `nfe` and `steps` summed over the blocks, and the largest final `residual`."""
         del key
@@ -258,13 +245,7 @@ class SingleScaleDEQ(eqx.Module):
         self.head = eqx.nn.Linear(channels * pool * pool, num_classes, dtype=dtype, key=k_head)
         self.pool = pool
 
-    def __call__(
-        self,
-        x: Float[Array, "cin h w"],
-        state: eqx.nn.State,
-        *,
-        key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, " classes"], eqx.nn.State, dict[str, Array]]:
+    def __call__(self, x: Image, state: eqx.nn.State, *, key: Key | None = None) -> Output:
         del key
         h = self.encoder_norm(self.encoder(x))
         z, sol = self.block(h, return_solution=True)
