@@ -46,7 +46,9 @@ probability), which
 **Memory.** Per element, the state takes 2 x 64 bits, and each step pushes one digit of
 radix $b \cdot 2^m$ for each of $y$ and $z$, packed $d = \lfloor 32 / \log_2(b 2^m)
 \rfloor$ to a uint32 word: $2 \cdot 32 / d$ bits per element per step (10.7, 12.8 and
-16 for `beta` = 0.5, 0.8, 0.9 with $m = 4$), sized by `max_steps`. The buffer grows
+16 for `beta` = 0.5, 0.8, 0.9 with $m = 4$), sized by `max_steps`, each word filled
+least significant digit first. The backward pass only reads the buffer (a step's digit is
+found from its index), so the reversed loop never writes it back. The buffer grows
 with `max_steps`; it is still far below storing the iterates (2 x 32 bits per element
 per step for a float32 `fn`).
 
@@ -269,6 +271,13 @@ class ExactState(AbstractState):
             d -= 1
         return d
 
+    def _position(self, count: Array, b: int) -> tuple[Array, Array]:
+        """Where the digit of step `count` lives: its word, and its place value there
+        (`radix**j` for the `j`-th digit of the word, least significant first)."""
+        d = self._digits_per_word(b)
+        places = jnp.asarray([self._radix(b) ** j for j in range(d)], jnp.uint32)
+        return count // d, places[count % d]
+
     def _limit(self) -> int:
         """Largest magnitude (units of 2**-F) whose update cannot overflow int64."""
         a, _, c = self._ratio()
@@ -327,8 +336,8 @@ class ExactState(AbstractState):
         remainder = t - b * value
         guard = lattice & ((1 << m) - 1)
         digit = (remainder + b * guard).astype(jnp.uint32)
-        idx = x.count // self._digits_per_word(b)
-        word = x.words[idx] * jnp.uint32(self._radix(b)) + digit
+        idx, place = self._position(x.count, b)
+        word = x.words[idx] + digit * place  # < radix**(pos + 1) <= 2**32: no overflow
         return Exact(
             value=jnp.where(bad, _BAD, value),
             words=x.words.at[idx].set(word, mode="drop"),
@@ -343,9 +352,10 @@ class ExactState(AbstractState):
         m = self.guard_bits
         g_bits = _SNAP_FRACTION_BITS if m else 0
         count = x.count - 1
-        idx = count // self._digits_per_word(b)
-        word = x.words[idx]
-        digit = (word % jnp.uint32(self._radix(b))).astype(jnp.int64)
+        idx, place = self._position(count, b)
+        # Read only: the buffer is never written on the way back, so the backward loop
+        # carries it unchanged (no copy of it per step).
+        digit = ((x.words[idx] // place) % jnp.uint32(self._radix(b))).astype(jnp.int64)
         remainder, guard = digit % b, digit // b
         u = x.shifts[count].astype(jnp.int64)
         # The re-evaluation's lattice coordinate, with `g_bits` fractional bits, snapped to
@@ -365,7 +375,7 @@ class ExactState(AbstractState):
         value = t // c  # exact: t = c * y_prev by construction
         return Exact(
             value=jnp.where(bad, _BAD, value),
-            words=x.words.at[idx].set(word // jnp.uint32(self._radix(b))),
+            words=x.words,
             shifts=x.shifts,
             count=count,
             drift=drift,
