@@ -230,9 +230,13 @@ def test_beyond_tolerance_raises_by_default(getkey):
 
 def test_beyond_tolerance_warns_or_is_ignored_when_asked(getkey):
     key = getkey()
-    with pytest.warns(RuntimeWarning, match="did not rebuild the initial state"):
+    with pytest.warns(RuntimeWarning, match="did not rebuild the initial state") as caught:
         g = _faulty_grad(rdeq.ReversibleAdjoint(on_mismatch="warn"), lambda: key)
         jax.effects_barrier()
+    # The message says what the state tolerates and which one tolerates more.
+    message = str(caught[0].message)
+    assert "tolerates 7.5 ulps" in message, message
+    assert "`ExactState(guard_bits=6)` tolerates 31.5 ulps" in message, message
     recorder = _Recorder()
     g2 = _faulty_grad(rdeq.ReversibleAdjoint(on_mismatch="ignore", report=recorder), lambda: key)
     report = _reports(recorder)

@@ -1,5 +1,6 @@
 """Exact gradients in constant memory by reversing the reversible solver (Algorithm 1)."""
 
+import functools as ft
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -19,12 +20,16 @@ _POLICIES = ("raise", "warn", "ignore")
 
 MISMATCH_MESSAGE = (
     "The reversible backward pass did not rebuild the initial state `z0` it started from, "
-    "so the gradient it computed is not the gradient of the forward pass. With "
-    "`state_dtype='exact'` this means the backward pass's re-evaluation of `fn` differed "
-    "from the forward's by more than the exact state's tolerance (see `ExactState`; "
-    "raise `lattice_bits` or `guard_bits`); with a floating state the reconstruction "
-    "drifted (use `state_dtype='exact'`, fewer steps, or a smaller `beta`). Or use "
-    "another adjoint (`UnrolledAdjoint()`, `CheckpointAdjoint()`). "
+    "so the gradient it computed is not the gradient of the forward pass."
+)
+_GENERIC_ADVICE = (
+    "With `state_dtype='exact'` the backward pass's re-evaluation of `fn` differed from "
+    "the forward's by more than the state's tolerance (see `ExactState`: raise "
+    "`guard_bits`); with a floating state the reconstruction drifted (use "
+    "`state_dtype='exact'`, fewer steps, or a smaller `beta`)."
+)
+_OTHER_WAYS = (
+    "Or use another adjoint (`UnrolledAdjoint()`, `CheckpointAdjoint()`); "
     "`ReversibleAdjoint(on_mismatch='warn' | 'ignore')` lets the gradient through."
 )
 
@@ -145,16 +150,20 @@ def _reversible_solve_bwd(residuals, grad_out, perturbed, inputs, primal, solver
         # the gradients into that conditional, and the devices deadlocked (measured on 4
         # CPU devices, data-parallel vision step).
         policy = _raise_on_mismatch if adjoint.on_mismatch == "raise" else _warn_on_mismatch
-        jax.debug.callback(policy, check["mismatch"], check["rel"])
+        advice = getattr(solver, "state_dtype", None)
+        advice = ft.partial(policy, advice=None if advice is None else advice.mismatch_advice)
+        jax.debug.callback(advice, check["mismatch"], check["rel"], check["drift"])
     return fn_bar, args_bar, z0_bar
 
 
-def _describe(mismatch, rel) -> str:
+def _describe(mismatch, rel, drift, advice) -> str:
     mismatch = np.asarray(mismatch)
     rel = np.max(np.where(mismatch, np.asarray(rel), 0))
+    drift = float(np.max(np.where(mismatch, np.asarray(drift), 0)))
+    specific = _GENERIC_ADVICE if advice is None else advice(drift)
     return (
-        f"{MISMATCH_MESSAGE} (relative deviation of the reconstruction: {rel:.3g}; "
-        f"{int(np.sum(mismatch))} of {mismatch.size} solves)"
+        f"{MISMATCH_MESSAGE} {specific} {_OTHER_WAYS} (relative deviation of the "
+        f"reconstruction: {rel:.3g}; {int(np.sum(mismatch))} of {mismatch.size} solves)"
     )
 
 
@@ -163,14 +172,14 @@ class ReconstructionMismatchError(RuntimeError):
     initial state, under `ReversibleAdjoint(on_mismatch="raise")`."""
 
 
-def _raise_on_mismatch(mismatch, rel) -> None:
+def _raise_on_mismatch(mismatch, rel, drift, *, advice) -> None:
     if np.any(np.asarray(mismatch)):
-        raise ReconstructionMismatchError(_describe(mismatch, rel))
+        raise ReconstructionMismatchError(_describe(mismatch, rel, drift, advice))
 
 
-def _warn_on_mismatch(mismatch, rel) -> None:
+def _warn_on_mismatch(mismatch, rel, drift, *, advice) -> None:
     if np.any(np.asarray(mismatch)):
-        warnings.warn(_describe(mismatch, rel), RuntimeWarning, stacklevel=2)
+        warnings.warn(_describe(mismatch, rel, drift, advice), RuntimeWarning, stacklevel=2)
 
 
 def reverse_loop(solver, fn, args, z0, y_n, z_n, num_steps, value_bar):

@@ -97,6 +97,16 @@ class AbstractState(eqx.Module):
         """Whether the reconstruction `x` of the leaf `z0` is too far from it for the
         reversible gradient to be trusted (`rtol=None`: this state's own threshold)."""
 
+    def mismatch_advice(self, drift: float) -> str:
+        """What to change when a reconstruction with this state did not match `z0`;
+        `drift` is the largest re-evaluation drift the backward pass measured (see
+        `ReversibleAdjoint(report=...)`)."""
+        del drift
+        return (
+            "The floating state's reconstruction drifted: use `state_dtype='exact'` (or "
+            "'auto'), fewer steps, or a `beta` nearer 0.5."
+        )
+
     def cotangent_dtype(self, dtype: Any) -> Any:
         """The dtype the backward pass accumulates the state's cotangents in."""
         return jnp.promote_types(dtype, jnp.float32)

@@ -239,6 +239,27 @@ class ExactState(AbstractState):
             return 0.0
         return (2 ** (self.guard_bits - 1) - 0.5) * 2**self.lattice_bits
 
+    def mismatch_advice(self, drift: float) -> str:
+        m, k = self.guard_bits, self.lattice_bits
+        if m == 0:
+            return (
+                "This exact state has no lattice (`guard_bits=0`): it is exact only if "
+                "the backward pass re-evaluates `fn` to the same bits. Use the default "
+                "`ExactState()` (guard bits 4)."
+            )
+        wider = dataclasses.replace(self, guard_bits=min(m + 2, 8), capacity=None, ratio=None)
+        return (
+            f"The backward pass re-evaluated `fn` up to {drift:.3g} lattice units (of "
+            f"2**{k} ulps) away from the forward's values, where this state "
+            f"(`guard_bits={m}, lattice_bits={k}`) tolerates {self.tolerance_ulps():g} "
+            "ulps (beyond it the measured drift saturates, so the real one may be "
+            "larger). Wide reductions in `fn` (layers of hundreds of units, evaluated "
+            "per example under `vmap`) re-associate sums differently in the backward "
+            f"program. `ExactState(guard_bits={wider.guard_bits})` tolerates "
+            f"{wider.tolerance_ulps():g} ulps for {wider.guard_bits - m} more buffer "
+            "bits per element per evaluation; or evaluate `fn` on the whole batch."
+        )
+
     def digits_per_word(self, beta: float) -> int:
         """How many steps' digits (remainder and guard bits) one uint32 word holds."""
         return self._digits_per_word(rational_beta(beta)[1])
