@@ -81,6 +81,14 @@ class ReversibleAdjoint(AbstractAdjoint):
       snapped back to, in lattice units (exactness is guaranteed below
       $2^{m-1}$, see [`revdeq_jax.ExactState`][]; 0 elsewhere); and `"mismatch"`
       (per example under `vmap`).
+    - `vmap_backward`: what the backward pass does when per-example solves are
+      `jax.vmap`ped. `"batch"` (the default) walks the whole batch back in one loop,
+      evaluating `fn` once per half-step as the VJP of the batched function, so the
+      cotangents of the leaves the batch shares (the parameters) are summed as they
+      arrive and the loop carries one copy of them, as for a batched `fn`; each example
+      still stops, reconstructs and is checked on its own. `"per_example"` lets `vmap`
+      batch the per-example loop, which then carries one parameter cotangent per example
+      (memory batch × parameters). See the batching guide.
 
     ??? cite "References"
 
@@ -214,14 +222,16 @@ def reverse_loop(solver, fn, args, z0, y_n, z_n, num_steps, value_bar, *, vmap_b
     the accumulated cotangents of `fn` and `args`.
 
     Under `jax.vmap` (the backward pass of per-example solves), `vmap_backward="batch"`
-    walks the whole batch back in one loop (`_batched_reverse_loop`) instead of batching
-    the per-example loop, which would carry one cotangent of every shared parameter per
-    example.
+    walks the whole batch back in one loop (`_batched_reverse_loop`, through a
+    `custom_vmap` rule) instead of letting `vmap` batch the per-example loop
+    (`"per_example"`), which carries one cotangent of every shared parameter per example.
     """
     operands = (solver, fn, args, z0, y_n, z_n, num_steps, value_bar)
+    if vmap_backward == "per_example":  # the plain loop, batched as `vmap` batches it
+        return _reverse_loop(*operands)
     dynamic, static = eqx.partition(operands, eqx.is_array)
     loop = jax.custom_batching.custom_vmap(ft.partial(_reverse_loop_dynamic, static))
-    loop.def_vmap(ft.partial(_reverse_loop_vmap_rule, static, vmap_backward))
+    loop.def_vmap(ft.partial(_reverse_loop_vmap_rule, static))
     return loop(dynamic)
 
 
@@ -251,15 +261,14 @@ def _reverse_loop(solver, fn, args, z0, y_n, z_n, num_steps, value_bar):
     return y_0, z_0, z0_bar, fn_bar, args_bar
 
 
-def _reverse_loop_vmap_rule(static, vmap_backward, axis_size, in_batched, dynamic):
+def _reverse_loop_vmap_rule(static, axis_size, in_batched, dynamic):
     """The `custom_vmap` rule of `reverse_loop`: `in_batched` says which leaves of
     `dynamic` carry a leading batch axis (of size `axis_size`)."""
     (batched,) = in_batched
     solver = eqx.combine(dynamic, static)[0]
     with solver.scope():  # the rule may run outside the backward pass's own scope
-        if vmap_backward == "per_example" or any(jtu.tree_leaves(batched[0])):
-            # One loop per example, batched by `vmap` (also what a solver holding
-            # per-example arrays needs).
+        if any(jtu.tree_leaves(batched[0])):
+            # A solver holding per-example arrays: one loop per example, batched by `vmap`.
             axes = jtu.tree_map(lambda b: 0 if b else None, batched)
             out = jax.vmap(ft.partial(_reverse_loop_dynamic, static), in_axes=(axes,))(dynamic)
             return out, jtu.tree_map(lambda _: True, out)
