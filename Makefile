@@ -71,6 +71,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.precision --out benchmarks/results
 	$(PY) -m benchmarks.exact --out benchmarks/results
 	$(PY) -m benchmarks.jacobian --out benchmarks/results
+	$(PY) -m benchmarks.batch_memory --out benchmarks/results
 
 train-wikitext: $(STAMP)
 	$(PY) -m experiments.language.train --config=$(CONFIG) $(LM_DATA_FLAG) --workdir=$(RUNS)/wikitext-$(CONFIG) $(TRAIN_FLAGS)

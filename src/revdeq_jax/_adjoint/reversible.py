@@ -7,16 +7,20 @@ from typing import Literal
 
 import equinox as eqx
 import jax
+import jax.custom_batching
+import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array
 
 from .._iterate import Inputs, lax_while_loop, LoopResult, Primal
 from .._misc import materialise, tree_add, tree_cast_like, zeros_like_inexact
-from .._solver.base import AbstractReversibleSolver, AbstractSolver
+from .._solver.base import AbstractReversibleSolver, AbstractSolver, BackwardBatch
 from .base import AbstractAdjoint
 
 
 _POLICIES = ("raise", "warn", "ignore")
+_VMAP_BACKWARDS = ("batch", "per_example")
 
 MISMATCH_MESSAGE = (
     "The reversible backward pass did not rebuild the initial state `z0` it started from, "
@@ -81,6 +85,14 @@ class ReversibleAdjoint(AbstractAdjoint):
       snapped back to, in lattice units (exactness is guaranteed below
       $2^{m-1}$, see [`revdeq_jax.ExactState`][]; 0 elsewhere); and `"mismatch"`
       (per example under `vmap`).
+    - `vmap_backward`: what the backward pass does when per-example solves are
+      `jax.vmap`ped. `"batch"` (the default) walks the whole batch back in one loop,
+      evaluating `fn` once per half-step as the VJP of the batched function, so the
+      cotangents of the leaves the batch shares (the parameters) are summed as they
+      arrive and the loop carries one copy of them, as for a batched `fn`; each example
+      still stops, reconstructs and is checked on its own. `"per_example"` lets `vmap`
+      batch the per-example loop, which then carries one parameter cotangent per example
+      (memory batch × parameters). See the batching guide.
 
     The method and its reference: [`revdeq_jax.Reversible`][].
     """
@@ -88,8 +100,14 @@ class ReversibleAdjoint(AbstractAdjoint):
     on_mismatch: Literal["raise", "warn", "ignore"] = eqx.field(default="raise", static=True)
     mismatch_rtol: float | None = eqx.field(default=None, static=True)
     report: Callable[[dict[str, Array]], None] | None = eqx.field(default=None, static=True)
+    vmap_backward: Literal["batch", "per_example"] = eqx.field(default="batch", static=True)
 
     def __check_init__(self):
+        if self.vmap_backward not in _VMAP_BACKWARDS:
+            raise ValueError(
+                f"`ReversibleAdjoint(vmap_backward={self.vmap_backward!r})` must be one of "
+                f"{', '.join(repr(p) for p in _VMAP_BACKWARDS)}."
+            )
         if self.on_mismatch not in _POLICIES:
             raise ValueError(
                 f"`ReversibleAdjoint(on_mismatch={self.on_mismatch!r})` must be one of "
@@ -139,7 +157,15 @@ def _reversible_solve_bwd(residuals, grad_out, perturbed, inputs, primal, solver
     del grad_out, residuals  # the residual's cotangent is ignored: it is a statistic
     with solver.scope():
         y_0, z_0, z0_bar, fn_bar, args_bar = reverse_loop(
-            solver, fn, args, z0, y_n, z_n, num_steps, value_bar
+            solver,
+            fn,
+            args,
+            z0,
+            y_n,
+            z_n,
+            num_steps,
+            value_bar,
+            vmap_backward=adjoint.vmap_backward,
         )
         check = solver.reconstruction(y_0, z_0, z0, adjoint.mismatch_rtol)
     if adjoint.report is not None:
@@ -182,13 +208,33 @@ def _warn_on_mismatch(mismatch, rel, drift, *, advice) -> None:
         warnings.warn(_describe(mismatch, rel, drift, advice), RuntimeWarning, stacklevel=2)
 
 
-def reverse_loop(solver, fn, args, z0, y_n, z_n, num_steps, value_bar):
+def reverse_loop(solver, fn, args, z0, y_n, z_n, num_steps, value_bar, *, vmap_backward="batch"):
     """Algorithm 1: walks `num_steps` steps back from `(y_n, z_n)`, inside the solver's
     scope.
 
     Returns the reconstructed `(y_0, z_0)`, the cotangent of `z0` (cast to its dtype) and
     the accumulated cotangents of `fn` and `args`.
+
+    Under `jax.vmap` (the backward pass of per-example solves), `vmap_backward="batch"`
+    walks the whole batch back in one loop (`_batched_reverse_loop`, through a
+    `custom_vmap` rule) instead of letting `vmap` batch the per-example loop
+    (`"per_example"`), which carries one cotangent of every shared parameter per example.
     """
+    operands = (solver, fn, args, z0, y_n, z_n, num_steps, value_bar)
+    if vmap_backward == "per_example":  # the plain loop, batched as `vmap` batches it
+        return _reverse_loop(*operands)
+    dynamic, static = eqx.partition(operands, eqx.is_array)
+    loop = jax.custom_batching.custom_vmap(ft.partial(_reverse_loop_dynamic, static))
+    loop.def_vmap(ft.partial(_reverse_loop_vmap_rule, static))
+    return loop(dynamic)
+
+
+def _reverse_loop_dynamic(static, dynamic):
+    return _reverse_loop(*eqx.combine(dynamic, static))
+
+
+def _reverse_loop(solver, fn, args, z0, y_n, z_n, num_steps, value_bar):
+    """One solve walked back: `reverse_loop` unbatched."""
     y_bar, z_bar = solver.init_cotangents(value_bar, y_n)
     fn_bar = zeros_like_inexact(fn)
     args_bar = zeros_like_inexact(args)
@@ -207,3 +253,72 @@ def reverse_loop(solver, fn, args, z0, y_n, z_n, num_steps, value_bar):
     # y_0 = z_0 = z0, so both cotangents flow into the initial guess.
     z0_bar = tree_cast_like(tree_add(z_bar, y_bar), z0)
     return y_0, z_0, z0_bar, fn_bar, args_bar
+
+
+def _reverse_loop_vmap_rule(static, axis_size, in_batched, dynamic):
+    """The `custom_vmap` rule of `reverse_loop`: `in_batched` says which leaves of
+    `dynamic` carry a leading batch axis (of size `axis_size`)."""
+    (batched,) = in_batched
+    solver = eqx.combine(dynamic, static)[0]
+    with solver.scope():  # the rule may run outside the backward pass's own scope
+        if any(jtu.tree_leaves(batched[0])):
+            # A solver holding per-example arrays: one loop per example, batched by `vmap`.
+            axes = jtu.tree_map(lambda b: 0 if b else None, batched)
+            out = jax.vmap(ft.partial(_reverse_loop_dynamic, static), in_axes=(axes,))(dynamic)
+            return out, jtu.tree_map(lambda _: True, out)
+        return _batched_reverse_loop(static, axis_size, batched, dynamic)
+
+
+def _batched_reverse_loop(static, axis_size, batched, dynamic):
+    """`reverse_loop` for a batch of solves at once: one `while_loop` that runs while any
+    example has steps left, evaluating `fn` once per half-step on the whole batch, as the
+    VJP of the batched function. Cotangents of the leaves the batch shares (the
+    parameters) come out summed over the batch, so the loop carries one copy of them, as
+    the backward pass of a batched `fn` would; per-example leaves (e.g. the input
+    injection) keep their batch axis. Each example moves only while it has steps left
+    (masks), so its state, cotangents and reconstruction are those of its own solve."""
+
+    def _broadcast(tree, tree_batched):
+        return jtu.tree_map(
+            lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *x.shape)),
+            tree,
+            tree_batched,
+        )
+
+    # Every per-example quantity gets the batch axis; `fn` and `args` keep theirs as given.
+    dynamic = (*dynamic[:3], *map(_broadcast, dynamic[3:], batched[3:]))
+    solver, fn, args, z0, y_n, z_n, num_steps, value_bar = eqx.combine(dynamic, static)
+    fn_axes, args_axes = (jtu.tree_map(lambda b: 0 if b else None, t) for t in batched[1:3])
+    y_bar, z_bar = jax.vmap(solver.init_cotangents)(value_bar, y_n)
+    fn_bar = zeros_like_inexact(fn)
+    args_bar = zeros_like_inexact(args)
+
+    def _body(carry):
+        n, y, z, y_bar, z_bar, params_bar = carry
+        batch = BackwardBatch(fn_axes, args_axes, active=n > 0)
+        y, z, y_bar, z_bar, params_bar = solver.backward_step(
+            fn, args, y, z, y_bar, z_bar, params_bar, z0, batch=batch
+        )
+        return jnp.maximum(n - 1, 0), y, z, y_bar, z_bar, params_bar
+
+    init = (num_steps, y_n, z_n, y_bar, z_bar, (fn_bar, args_bar))
+    _, y_0, z_0, y_bar, z_bar, (fn_bar, args_bar) = jax.lax.while_loop(
+        lambda carry: jnp.any(carry[0] > 0), _body, init
+    )
+    z0_bar = tree_cast_like(tree_add(z_bar, y_bar), z0)
+    out = (y_0, z_0, z0_bar, fn_bar, args_bar)
+
+    def _is_batched(axes, ct):
+        return jtu.tree_map(
+            lambda axis, c: None if c is None else axis == 0,
+            axes,
+            ct,
+            is_leaf=lambda x: x is None,
+        )
+
+    out_batched = (
+        *jtu.tree_map(lambda _: True, out[:3]),
+        _is_batched(fn_axes, fn_bar),
+        _is_batched(args_axes, args_bar),
+    )
+    return out, out_batched

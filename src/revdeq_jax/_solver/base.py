@@ -2,10 +2,15 @@
 
 import abc
 import contextlib
-from typing import ClassVar, Generic
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic
 
 import equinox as eqx
-from jaxtyping import Array, PyTree
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Bool, PyTree
 
 from .._custom_types import Args, Fn, SolverState, Z
 
@@ -115,11 +120,79 @@ class AbstractReversibleSolver(AbstractSolver[SolverState]):
         z_bar: PyTree,
         params_bar: tuple[PyTree, PyTree],
         z_like: PyTree,
+        *,
+        batch: "BackwardBatch | None" = None,
     ) -> tuple[PyTree, PyTree, PyTree, PyTree, tuple[PyTree, PyTree]]:
         """Inverts one step and pulls the cotangents back through it.
 
         `params_bar = (fn_bar, args_bar)` accumulates the cotangents of `fn` (its
         closed-over arrays) and of `args`; `z_like` gives the dtypes `fn` works in.
 
+        With `batch` (see `BackwardBatch`) the step acts on a whole batch of solves at
+        once: the state, its cotangents and `z_like` carry a leading batch axis, `fn` is
+        evaluated once on the batch, the state arithmetic is mapped over it, and only the
+        examples `batch.active` marks move; the others come back unchanged.
+
         **Returns:** `(y_prev, z_prev, y_bar_prev, z_bar_prev, params_bar)`.
         """
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardBatch:
+    """How a batch of reversible solves is walked back together (one loop for the batch,
+    each example stopping on its own).
+
+    `fn_axes` and `args_axes` are trees of `0` (the leaf has a leading batch axis) or
+    `None` (shared by the batch, e.g. the parameters), shaped like the array part
+    (`eqx.partition(_, eqx.is_array)`) of `fn` and `args`. `active` says which examples
+    still have steps to undo.
+    """
+
+    fn_axes: PyTree[int | None]
+    args_axes: PyTree[int | None]
+    active: Bool[Array, " batch"]
+
+    def call(self, fn_call: Callable[[Any, Any, Any], Any], x: PyTree, fn: Any, args: Any):
+        """`fn_call(x, fn, args)` for every example of the batch `x`, as *one* function
+        of the shared leaves: its VJP sums their cotangents over the batch, as the
+        backward pass of a batched `fn` would, instead of keeping one per example."""
+        fn_dyn, fn_static = eqx.partition(fn, eqx.is_array)
+        args_dyn, args_static = eqx.partition(args, eqx.is_array)
+
+        def _one(x, fn_dyn, args_dyn):
+            return fn_call(x, eqx.combine(fn_dyn, fn_static), eqx.combine(args_dyn, args_static))
+
+        return jax.vmap(_one, in_axes=(0, self.fn_axes, self.args_axes))(x, fn_dyn, args_dyn)
+
+    def _mask(self, x: Array) -> Array:
+        return self.active.reshape(self.active.shape + (1,) * (x.ndim - 1))
+
+    def select(self, new: PyTree, old: PyTree) -> PyTree:
+        """`new` for the active examples, `old` for the others (leaves batched on axis 0)."""
+        return jtu.tree_map(lambda n, o: jnp.where(self._mask(n), n, o), new, old)
+
+    def only_active(self, tree: PyTree) -> PyTree:
+        """`tree` (batched on axis 0) with the inactive examples' entries zeroed."""
+        return jtu.tree_map(lambda x: jnp.where(self._mask(x), x, jnp.zeros_like(x)), tree)
+
+    def accumulate(
+        self, acc: tuple[PyTree, PyTree], new: tuple[PyTree, PyTree]
+    ) -> tuple[PyTree, PyTree]:
+        """Adds the cotangents `new = (fn_bar, args_bar)` of one evaluation to `acc`:
+        shared leaves as they come (the inactive examples contributed zero), per-example
+        leaves only where active, so that a finished example's stay as they were."""
+
+        def _add(axis, a, b):
+            if a is None:
+                return b
+            if b is None:
+                return a
+            total = a + b.astype(a.dtype)
+            return total if axis is None else jnp.where(self._mask(a), total, a)
+
+        def _tree(axes, acc, new):
+            # `axes` is shaped like the array part of the tree, `acc`/`new` like its
+            # inexact part: both have `None` wherever there is nothing to add.
+            return jtu.tree_map(_add, axes, acc, new, is_leaf=lambda x: x is None)
+
+        return _tree(self.fn_axes, acc[0], new[0]), _tree(self.args_axes, acc[1], new[1])

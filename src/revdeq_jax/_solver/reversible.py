@@ -2,9 +2,11 @@
 
 import contextlib
 import dataclasses
+import functools as ft
 from typing import ClassVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
@@ -13,7 +15,7 @@ from .._custom_types import Args, Fn, Z
 from .._misc import tree_add, tree_add_ct, tree_cast_like, tree_scale
 from .._state import AbstractState, as_state
 from .._state.base import deviation_size
-from .base import AbstractReversibleSolver
+from .base import AbstractReversibleSolver, BackwardBatch
 
 
 class ReversibleState(eqx.Module):
@@ -185,26 +187,45 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
         z_bar: PyTree,
         params_bar: tuple[PyTree, PyTree],
         z_like: PyTree,
+        *,
+        batch: BackwardBatch | None = None,
     ) -> tuple[PyTree, PyTree, PyTree, PyTree, tuple[PyTree, PyTree]]:
         b = self.beta
+        if batch is None:
+            state_map = lambda f, *xs: f(*xs)
+            call = _call
+            only_active = lambda ct: ct
+            accumulate = tree_add_ct
+        else:
+            # The state arithmetic is per example (an exact state's lattice exponent,
+            # count and buffer are): mapped over the batch. `fn` runs once on the batch.
+            state_map = lambda f, *xs: jax.vmap(f)(*xs)
+            call = ft.partial(batch.call, _call)
+            only_active = batch.only_active
+            accumulate = batch.accumulate
         # z_{n+1} = (1-b) z_n + b f(y_{n+1}): one VJP gives f(y_{n+1}) for the
         # reconstruction of z_n and the pullback for the cotangents.
-        fy, pull_y = eqx.filter_vjp(_call, self._down(y, z_like), fn, args)
-        z_prev = self._invert(z, fy)
-        y_in_bar, *step_bar = pull_y(tree_cast_like(tree_scale(b, z_bar), z_like))
+        fy, pull_y = eqx.filter_vjp(call, state_map(self._down, y, z_like), fn, args)
+        z_prev = state_map(self._invert, z, fy)
+        ct = only_active(tree_cast_like(tree_scale(b, z_bar), z_like))
+        y_in_bar, *step_bar = pull_y(ct)
         # Accumulate each evaluation's cotangent as it arrives, in the order reverse-mode
         # autodiff would: this matters for low-precision (bfloat16) parameters.
-        params_bar = tree_add_ct(params_bar, tuple(step_bar))
-        y_bar = tree_add(y_bar, y_in_bar)
+        params_bar = accumulate(params_bar, tuple(step_bar))
+        y_bar_next = tree_add(y_bar, y_in_bar)
         z_bar_prev = tree_scale(1 - b, z_bar)
         # y_{n+1} = (1-b) y_n + b f(z_n).
-        fz, pull_z = eqx.filter_vjp(_call, self._down(z_prev, z_like), fn, args)
-        y_prev = self._invert(y, fz)
-        z_in_bar, *step_bar = pull_z(tree_cast_like(tree_scale(b, y_bar), z_like))
-        params_bar = tree_add_ct(params_bar, tuple(step_bar))
+        fz, pull_z = eqx.filter_vjp(call, state_map(self._down, z_prev, z_like), fn, args)
+        y_prev = state_map(self._invert, y, fz)
+        ct = only_active(tree_cast_like(tree_scale(b, y_bar_next), z_like))
+        z_in_bar, *step_bar = pull_z(ct)
+        params_bar = accumulate(params_bar, tuple(step_bar))
         z_bar_prev = tree_add(z_bar_prev, z_in_bar)
-        y_bar_prev = tree_scale(1 - b, y_bar)
-        return y_prev, z_prev, y_bar_prev, z_bar_prev, params_bar
+        y_bar_prev = tree_scale(1 - b, y_bar_next)
+        new = (y_prev, z_prev, y_bar_prev, z_bar_prev)
+        if batch is not None:  # finished examples stay where they are
+            new = batch.select(new, (y, z, y_bar, z_bar))
+        return *new, params_bar
 
 
 def _call(z, fn, args):
