@@ -12,7 +12,7 @@ from ._adjoint.base import AbstractAdjoint
 from ._adjoint.implicit import ImplicitAdjoint
 from ._adjoint.reversible import ReversibleAdjoint
 from ._custom_types import Args, Fn, IntScalar, StepBudget, Z
-from ._iterate import check_tolerances, has_stopping_test, Primal
+from ._iterate import BoundIterate, check_tolerances, has_stopping_test
 from ._misc import check_self_map
 from ._precision import UserFn
 from ._solution import classify, RESULTS, Solution
@@ -223,8 +223,8 @@ def fixed_point(
         raise TypeError(f"`throw` must be a bool, got {throw!r}.")
     adjoint = default_adjoint(solver) if adjoint is None else adjoint
     fn, z0, solver, rtol, atol = setup(fn, z0, args, solver, adjoint, max_steps, rtol, atol, tol)
-    step_budget = check_step_budget(step_budget, max_steps)
-    primal = Primal(solver, max_steps, rtol, atol, step_budget)
+    step_budget = check_step_budget(step_budget, max_steps)  # after `max_steps` is checked
+    primal = BoundIterate(solver, max_steps, rtol, atol, step_budget)
     out = adjoint.apply(primal, (fn, args, z0), solver)
     result = classify(out.converged, out.finite, has_stopping_test(rtol, atol))
     value = out.value

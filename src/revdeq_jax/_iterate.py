@@ -200,7 +200,7 @@ def iterate(
         )
 
 
-class Primal(eqx.Module):
+class BoundIterate(eqx.Module):
     """`iterate` with everything but `(inputs, while_loop)` bound: the `primal` an adjoint
     is handed and runs as `primal(inputs, while_loop)`.
 
