@@ -207,9 +207,12 @@ def fixed_point(
       integer scalar array (any integer dtype), whose value may change from call to
       call *without recompiling*; `None` (the default) means `max_steps`. The solve
       stops after `min(step_budget, max_steps)` steps or earlier by the tolerances, and
-      is then the solve compiled with `max_steps=step_budget`: same value, `num_steps`
-      and gradient, for every solver and adjoint (the reversible adjoint reverses the
-      steps actually taken; `UnrolledAdjoint` still pays for `max_steps` masked steps).
+      is then the solve compiled with `max_steps=step_budget`, for every solver and
+      adjoint: the same `num_steps`, and the same value and gradient (to the bit with
+      the reversible, implicit and phantom adjoints; within a few ulps with
+      `UnrolledAdjoint`/`CheckpointAdjoint`, whose loop of `max_steps` steps XLA may
+      compile differently). The reversible adjoint reverses the steps actually taken;
+      `UnrolledAdjoint` still pays for `max_steps` masked steps.
       An array budget is clamped to `[0, max_steps]`; a Python int is static (each
       value compiles anew) and must lie in that range. 0 takes no step and returns
       `z0`. Under `jax.vmap` it may be batched: one budget per example.
