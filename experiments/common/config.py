@@ -218,6 +218,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train_steps": (_positive, "must be >= 1"),
     "batch_size": (_positive, "must be >= 1"),
     "eval_batch_size": (_positive, "must be >= 1"),
+    "jac_reg": (
+        lambda v: v >= 0 and math.isfinite(v),
+        "must be >= 0 (0 turns Jacobian regularisation off), e.g. 1.9",
+    ),
+    "jac_reg_probes": (_positive, "must be >= 1"),
     "plateau_factor": (lambda v: 0 < v < 1, "must lie in (0, 1), e.g. 0.5"),
     "plateau_patience": (_positive, "must be >= 1"),
     "plateau_window": (_positive, "must be >= 1"),
@@ -233,6 +238,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "anderson_m": (_positive, "must be >= 1"),
     "implicit_tol": (_positive, "must be > 0, e.g. 1e-6"),
     "implicit_max_steps": (_positive, "must be >= 1"),
+    "sweep_steps": (_nonnegative, "must be solver step counts >= 0, e.g. 1,2,4,8"),
     # model
     "dim": (_positive, "must be >= 1"),
     "num_heads": (_positive, "must be >= 1"),
@@ -256,6 +262,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data_dir": (_existing_dir, "does not exist; give an existing directory"),
     "tokenizer_dir": (_existing_dir, "does not exist; give an existing directory"),
 }
+
+
+# Values of `model` (in either experiment) that hold a fixed-point solve.
+_DEQ_MODELS = ("deq", "implicit-resnet", "single-scale")
 
 
 def _cross_checks(c: Any) -> typing.Iterator[str]:
@@ -282,6 +292,12 @@ def _cross_checks(c: Any) -> typing.Iterator[str]:
         yield (
             f"--channels, --width and --max_steps need one entry per scale, got "
             f"{len(c.channels)}, {len(c.width)} and {len(c.max_steps)} entries"
+        )
+    if has("jac_reg", "model") and c.jac_reg > 0 and c.model not in _DEQ_MODELS:
+        deq = "deq" if c.model == "explicit" else "implicit-resnet or single-scale"
+        yield (
+            f"--jac_reg={c.jac_reg} needs a DEQ model (the penalty is taken at its fixed "
+            f"point), got --model={c.model}; use --model={deq}, or --jac_reg=0"
         )
     if has("min_lr", "lr") and c.min_lr > c.lr:
         yield f"--min_lr={c.min_lr} exceeds --lr={c.lr}; use a smaller --min_lr"

@@ -10,7 +10,8 @@ first on real batches, and `train_steps` is set to `budget_s / step_time`, so th
 schedule ends when the budget does. Variants:
 
     revdeq      Reversible(beta) + ReversibleAdjoint, 4 steps (paper: 8 NFE)
-    deq-ift     Anderson (8 steps) forward + ImplicitAdjoint backward (classic DEQ)
+    deq-ift     Anderson (8 steps) forward + ImplicitAdjoint backward (classic DEQ), with the
+                Jacobian regularisation of Bai et al. 2021 (`jac_reg`, configs.DEQ_IFT_JAC_REG)
     explicit    explicit transformer, 4 distinct layers, width chosen to match RevDEQ's parameters
     nfe-K       RevDEQ with K/2 reversible steps, K in {2, 4, 6, 12} (8 is `revdeq`)
 
@@ -46,7 +47,7 @@ from experiments.common.metrics import read_metrics
 from experiments.common.plotting import plot_series
 
 from . import data, train
-from .configs import Config, CONFIGS
+from .configs import Config, CONFIGS, DEQ_IFT_JAC_REG
 from .model import make_model
 
 
@@ -63,7 +64,12 @@ def variants(base: Config) -> dict[str, tuple[str, Config]]:
         "deq-ift": (
             "DEQ-IFT (Anderson + implicit)",
             dataclasses.replace(
-                base, model="deq", solver="anderson", adjoint="implicit", max_steps=8
+                base,
+                model="deq",
+                solver="anderson",
+                adjoint="implicit",
+                max_steps=8,
+                jac_reg=DEQ_IFT_JAC_REG,
             ),
         ),
     }

@@ -58,6 +58,11 @@ class Config:
     warmup_steps: int = 2000  # linear warm-up steps
     train_steps: int = 200_000  # optimiser steps
     grad_clip: float = 1.0  # global gradient-norm clipping (0: off)
+    # Jacobian regularisation (Bai, Koltun & Kolter 2021): loss += jac_reg * Hutchinson estimate
+    # of ||J_f(z*)||_F^2 / d at the fixed point (z* held constant); 0: off, nothing computed.
+    # The DEQ-IFT baseline uses DEQ_IFT_JAC_REG.
+    jac_reg: float = 0.0
+    jac_reg_probes: int = 1  # probe vectors per sequence (the estimate's variance falls as 1/p)
     # --- loop -------------------------------------------------------------------------------
     log_every: int = 100
     eval_every: int = 2000
@@ -69,6 +74,15 @@ class Config:
     # --- devices ----------------------------------------------------------------------------
     sharding: Literal["data", "fsdp"] = "data"  # data: state replicated | fsdp: large arrays split
 
+
+# Jacobian-regularisation weight of the DEQ-IFT (Anderson + implicit gradient) baseline: the
+# DEQ-Transformer on WikiText-103 in Bai, Koltun & Kolter 2021, from their code
+# (locuslab/deq, DEQ-Sequence/wt103_deq_transformer_reg.sh: --jac_loss_weight 1.9 with one
+# Gaussian probe). That script also applies the penalty only on a random 35% of the steps
+# (--jac_loss_freq 0.35) and raises the weight by 0.1 every 35K steps (--jac_incremental);
+# here it is applied at every step with a fixed weight (Rademacher probes: the same
+# expectation, lower variance).
+DEQ_IFT_JAC_REG = 1.9
 
 CONFIGS = {
     "tiny": Config(

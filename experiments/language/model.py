@@ -14,6 +14,10 @@ transformer blocks (`layer.block`) stacked: the explicit transformer baseline.
 Both act on ONE sequence of token ids and return `(logits, stats)`; `lm_loss` vmaps them over
 a batch. Variational dropout: one mask per sequence and forward pass, sampled outside the
 solver and passed to the layer with `x`, so every solver iteration sees the same function.
+
+The DEQ model also takes a runtime `step_budget` (one compiled evaluation serves an NFE sweep)
+and, for Jacobian regularisation (`Config.jac_reg`, Bai, Koltun & Kolter 2021), a `jac_key`:
+its stats then carry `rdeq.jacobian_penalty` of the layer at the fixed point `z*`.
 """
 
 from __future__ import annotations
@@ -119,17 +123,31 @@ class DEQTransformerLM(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
         inference: bool = False,
+        step_budget: Int[Array, ""] | None = None,
+        jac_key: PRNGKeyArray | None = None,
+        jac_probes: int = 1,
     ) -> tuple[Float[Array, "seq vocab"], dict[str, Array]]:
+        """`step_budget`: at most this many solver steps (<= `max_steps`, traced: no
+        recompilation). `jac_key`: also return `stats["jac_penalty"]`, the Hutchinson
+        estimate of ||J_f(z*)||_F^2 / d with `jac_probes` probes, at `z*` held constant (as
+        in Bai et al.'s code: the penalty reaches the parameters through f only)."""
         x = self.embed(ids)
         mask = VariationalDropout(self.dropout).mask(
             (2, self.dim), key=key, inference=inference, dtype=x.dtype
         )
-        z, sol = self.deq((x, mask), jnp.zeros_like(x), return_solution=True)
+        z, sol = self.deq(
+            (x, mask), jnp.zeros_like(x), return_solution=True, step_budget=step_budget
+        )
         stats = {
             "nfe": sol.nfe,
             "residual": sol.residual,
             "solver_steps": sol.num_steps,
         }
+        if jac_key is not None:
+            z_star = jax.lax.stop_gradient(z)
+            stats["jac_penalty"] = rdeq.jacobian_penalty(
+                self.deq.layer, z_star, (x, mask), key=jac_key, num_probes=jac_probes
+            )
         return self.head(z), stats
 
 
@@ -173,7 +191,16 @@ class ExplicitTransformerLM(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
         inference: bool = False,
+        step_budget: Int[Array, ""] | None = None,
+        jac_key: PRNGKeyArray | None = None,
+        jac_probes: int = 1,
     ) -> tuple[Float[Array, "seq vocab"], dict[str, Array]]:
+        del jac_probes
+        if step_budget is not None or jac_key is not None:
+            raise ValueError(
+                "the explicit model has no fixed-point solve: `step_budget` (an NFE sweep) "
+                "and `jac_key` (--jac_reg) need --model=deq"
+            )
         z = self.embed(ids)
         dropout = VariationalDropout(self.dropout)
         keys = (
@@ -209,14 +236,40 @@ def lm_loss(
     *,
     key: PRNGKeyArray | None = None,
     inference: bool = False,
+    step_budget: Int[Array, ""] | None = None,
+    jac_reg: float = 0.0,
+    jac_reg_probes: int = 1,
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
     """Mean next-token cross-entropy (nats) over the weighted targets, and batch statistics.
 
     Returns `(loss, stats)` with stats `nll_sum`, `num_tokens` (to pool several batches
     exactly) and the solver statistics averaged over the batch's sequences.
+
+    `step_budget` caps the solver's steps (see `DEQTransformerLM`). With `jac_reg > 0` (needs
+    `key`) the loss adds `jac_reg * stats["jac_penalty"]`, the batch mean of the Jacobian
+    penalty at each sequence's `z*`; sequence `i` draws its probes from
+    `split(fold_in(key, 1), batch)[i]`, and the dropout keys are those of `jac_reg = 0`.
+    With `jac_reg = 0` no penalty is computed: the program is the one without it.
     """
-    keys = None if key is None else jax.random.split(key, inputs.shape[0])
-    logits, stats = jax.vmap(lambda ids, k: model(ids, key=k, inference=inference))(inputs, keys)
+    batch = inputs.shape[0]
+    keys = None if key is None else jax.random.split(key, batch)
+    jac_keys = None
+    if jac_reg > 0:
+        if key is None:
+            raise ValueError("`jac_reg > 0` needs a `key` to draw the Jacobian probes from")
+        jac_keys = jax.random.split(jax.random.fold_in(key, 1), batch)
+
+    def _one(ids, k, jk):
+        return model(
+            ids,
+            key=k,
+            inference=inference,
+            step_budget=step_budget,
+            jac_key=jk,
+            jac_probes=jac_reg_probes,
+        )
+
+    logits, stats = jax.vmap(_one)(inputs, keys, jac_keys)
     nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets)
     if weights is None:
         weights = jnp.ones(nll.shape, nll.dtype)
@@ -224,4 +277,6 @@ def lm_loss(
     num_tokens = jnp.sum(weights)
     loss = nll_sum / num_tokens
     stats = {name: jnp.mean(value.astype(jnp.float32)) for name, value in stats.items()}
+    if jac_reg > 0:
+        loss = loss + jac_reg * stats["jac_penalty"]
     return loss, {"nll_sum": nll_sum, "num_tokens": num_tokens, **stats}

@@ -52,7 +52,10 @@ def make_train_step(config: Config):
     def train_step(state: TrainState, batch, key):
         inputs, targets = batch
         loss_and_grad = eqx.filter_value_and_grad(lm_loss, has_aux=True)
-        (loss, stats), grads = loss_and_grad(state.model, inputs, targets, key=key)
+        (loss, stats), grads = loss_and_grad(
+            state.model, inputs, targets, key=key,
+            jac_reg=config.jac_reg, jac_reg_probes=config.jac_reg_probes,
+        )  # fmt: skip
         params = eqx.filter(state.model, eqx.is_inexact_array)
         updates, opt_state = optimizer.update(grads, state.opt_state, params, value=loss)
         model = eqx.apply_updates(state.model, updates)
@@ -64,18 +67,21 @@ def make_train_step(config: Config):
 
 
 @eqx.filter_jit
-def eval_step(model, inputs, targets, weights) -> dict:
-    return lm_loss(model, inputs, targets, weights, inference=True)[1]
+def eval_step(model, inputs, targets, weights, step_budget=None) -> dict:
+    return lm_loss(model, inputs, targets, weights, inference=True, step_budget=step_budget)[1]
 
 
-def evaluate(model, tokens: np.ndarray, config: Config, max_tokens: int | None) -> dict:
+def evaluate(
+    model, tokens: np.ndarray, config: Config, max_tokens: int | None, step_budget=None
+) -> dict:
     """Perplexity over contiguous windows covering `tokens` (each token predicted once),
-    and the solver statistics averaged over batches."""
+    and the solver statistics averaged over batches. `step_budget` (an int32 scalar array,
+    <= the model's `max_steps`) caps the solver's steps without recompiling `eval_step`."""
     sums, batches = {}, 0
     for batch in data.eval_batches(
         tokens, batch_size=config.eval_batch_size, seq_len=config.seq_len, max_tokens=max_tokens
     ):
-        for name, value in jax.device_get(eval_step(model, *batch)).items():
+        for name, value in jax.device_get(eval_step(model, *batch, step_budget)).items():
             sums[name] = sums.get(name, 0.0) + float(value)
         batches += 1
     loss, count = sums.pop("nll_sum") / sums["num_tokens"], sums.pop("num_tokens")

@@ -37,7 +37,7 @@ from experiments.common.plotting import plot_series
 from experiments.common.run import Run
 
 from . import data as vdata
-from .configs import Config, CONFIGS
+from .configs import Config, CONFIGS, DEQ_IFT_JAC_REG
 from .train import init_state, make_train_step, train
 
 
@@ -47,8 +47,8 @@ from .train import init_state, make_train_step, train
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "revdeq-multiscale": ("RevDEQ multi-scale (reversible, exact state)", {}),
     "deq-ift-multiscale": (
-        "DEQ multi-scale (Anderson + implicit/IFT grad)",
-        {"solver": "anderson", "adjoint": "implicit"},
+        "DEQ multi-scale (Anderson + implicit/IFT grad, Jacobian reg.)",
+        {"solver": "anderson", "adjoint": "implicit", "jac_reg": DEQ_IFT_JAC_REG},
     ),
     "revdeq-single-scale": (
         "RevDEQ single-scale",

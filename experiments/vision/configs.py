@@ -60,6 +60,11 @@ class Config:
     warmup_steps: int = 0  # cosine: linear warm-up steps
     train_steps: int = 70_300  # optimiser steps: 100 epochs of 703 batches of 64 (45k images)
     grad_clip: float = 0.0  # global gradient-norm clipping (0: off)
+    # Jacobian regularisation (Bai, Koltun & Kolter 2021): loss += jac_reg * sum over the DEQ
+    # blocks of a Hutchinson estimate of ||J_f(z*)||_F^2 / d (z* held constant); 0: off,
+    # nothing computed. The DEQ-IFT baseline uses DEQ_IFT_JAC_REG.
+    jac_reg: float = 0.0
+    jac_reg_probes: int = 1  # probe vectors per image and block
     # --- loop --------------------------------------------------------------------------
     log_every: int = 50  # steps between log lines
     eval_every: int = 1000  # steps between validation runs (and at the end)
@@ -69,6 +74,13 @@ class Config:
     # --- devices -----------------------------------------------------------------------
     sharding: Literal["data", "fsdp"] = "data"  # fsdp: large state arrays split over devices
 
+
+# Jacobian-regularisation weight of the DEQ-IFT (Anderson/Broyden + implicit gradient)
+# baseline: MDEQ on CIFAR-10 in Bai, Koltun & Kolter 2021, from their code (locuslab/deq,
+# MDEQ-Vision/experiments/cifar/cls_mdeq_LARGE_reg.yaml: JAC_LOSS_WEIGHT 0.4). That config
+# also applies it only on a random 2% of the steps (JAC_LOSS_FREQ 0.02) and stops it after
+# epoch 90 (JAC_STOP_EPOCH); here it is applied at every step with a fixed weight.
+DEQ_IFT_JAC_REG = 0.4
 
 _PAPER = Config()  # defaults are the paper's optimisation setup
 

@@ -3,10 +3,16 @@
     python -m experiments.vision.evaluate --workdir=runs/cifar-small
     python -m experiments.vision.evaluate --workdir=runs/cifar-small --checkpoint=best --test-size=0
     python -m experiments.vision.evaluate --workdir=runs/cifar-small --max-steps=8   # more solver steps
+    python -m experiments.vision.evaluate --workdir=runs/cifar-small --sweep-steps=1,2,4,8  # acc vs NFE
 
 Rebuilds the model from the checkpoint's header (its config), loads the weights and BatchNorm
 statistics, and reports test loss, accuracy and mean NFE with BatchNorm in inference mode.
 The result is printed and written to `<workdir>/eval_<checkpoint>.json`.
+
+`--sweep-steps=1,2,...` also evaluates the same weights with every DEQ block capped at each of
+those solver step counts, with ONE compiled evaluation step: every block is built with the largest
+count as its `max_steps` ceiling and each count is a traced `step_budget`, which gives the numbers
+of `--max-steps` set to it (a block never runs past its own ceiling).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any, Literal
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 
 import revdeq_jax as rdeq
 from experiments.common import config as cfg
@@ -38,6 +45,7 @@ class EvalConfig:
     data_dir: str | None = None  # None = the run's own data source
     test_size: int = -1  # -1 = as in the run's config; 0 = the whole test split
     max_steps: int = 0  # > 0: override every DEQ block's solver step budget
+    sweep_steps: tuple[int, ...] = ()  # also evaluate with every block capped at each count
     batch_size: int = 0  # 0 = the run's eval_batch_size
 
 
@@ -55,17 +63,33 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "latest") -> tuple[C
     return config, state, header
 
 
+def _deqs(model: Any) -> list[rdeq.DEQ]:
+    is_deq = lambda m: isinstance(m, rdeq.DEQ)
+    return [d for d in jax.tree.leaves(model, is_leaf=is_deq) if is_deq(d)]
+
+
 def _with_max_steps(model: Any, max_steps: int) -> Any:
     """Replace the step budget of every `revdeq_jax.DEQ` inside `model`."""
-    is_deq = lambda m: isinstance(m, rdeq.DEQ)
-
-    def _deqs(m):
-        return [d for d in jax.tree.leaves(m, is_leaf=is_deq) if is_deq(d)]
-
     deqs = _deqs(model)
     if not deqs:
         raise ValueError("`max_steps` given, but this model has no DEQ blocks.")
     return eqx.tree_at(_deqs, model, [dataclasses.replace(d, max_steps=max_steps) for d in deqs])
+
+
+def nfe_sweep(
+    model: Any, bn_state: Any, images, labels, batch_size: int, steps: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Loss, accuracy and NFE with every DEQ block capped at each step count in `steps`,
+    from one compiled `eval_step` (the count is a traced int32 scalar). Each block runs at
+    most `min(count, its max_steps)` steps: build `model` with `max(steps)` as every
+    block's `max_steps` to get the numbers of `_with_max_steps(model, count)`."""
+    if not _deqs(model):
+        raise ValueError("`sweep_steps` given, but this model has no DEQ blocks.")
+    return [
+        {"max_steps": s}
+        | evaluate(model, bn_state, images, labels, batch_size, jnp.asarray(s, jnp.int32))
+        for s in steps
+    ]
 
 
 def evaluate_workdir(
@@ -77,6 +101,7 @@ def evaluate_workdir(
     test_size: int = -1,
     max_steps: int = 0,
     batch_size: int = 0,
+    sweep_steps: Sequence[int] = (),
 ) -> dict[str, Any]:
     config, state, header = load_run(workdir, checkpoint)
     if dataset is None:
@@ -84,13 +109,13 @@ def evaluate_workdir(
     n_test = config.test_size if test_size < 0 else test_size
     dataset = dataset.take(None, n_test or None)
     model = state.model if max_steps <= 0 else _with_max_steps(state.model, max_steps)
-    result = evaluate(
-        model,
-        state.model_state,
-        dataset.x_test,
-        dataset.y_test,
-        batch_size or config.eval_batch_size,
-    )
+    batch_size = batch_size or config.eval_batch_size
+    result = evaluate(model, state.model_state, dataset.x_test, dataset.y_test, batch_size)
+    if sweep_steps:
+        ceiling = _with_max_steps(model, max(sweep_steps))
+        result["sweep"] = nfe_sweep(
+            ceiling, state.model_state, dataset.x_test, dataset.y_test, batch_size, sweep_steps
+        )
     result.update(
         step=int(header.get("step", 0)),
         checkpoint=checkpoint,
@@ -121,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         test_size=args.test_size,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
+        sweep_steps=args.sweep_steps,
     )
     out = pathlib.Path(args.workdir) / f"eval_{args.checkpoint}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -130,6 +156,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         + (f", NFE {result['nfe']:.1f}" if "nfe" in result else "")
         + f"  -> {out}"
     )
+    for row in result.get("sweep", []):
+        print(
+            f"  at most {row['max_steps']} steps per block: NFE {row['nfe']:.1f}, test acc "
+            f"{100 * row['acc']:.2f}%, loss {row['loss']:.4f}"
+        )
     return result
 
 

@@ -38,27 +38,51 @@ def init_state(config: Config) -> TrainState:
     return TrainState.create(model, make_optimizer(config)[0], bn_state)
 
 
-def _forward(model, bn_state, images):
-    """Batch forward pass: vmap over images, BatchNorm statistics over the axis "batch"."""
-    return jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None, 0))(
-        images, bn_state
+def _forward(model, bn_state, images, *, step_budget=None, jac_keys=None, jac_probes=1):
+    """Batch forward pass: vmap over images, BatchNorm statistics over the axis "batch".
+
+    Only DEQ models take `step_budget` (a traced cap on every block's solver steps) and
+    `jac_keys` (one key per image: the stats then carry each image's `jac_penalty`)."""
+    kwargs = {}
+    if step_budget is not None:
+        kwargs["step_budget"] = step_budget
+    if jac_keys is not None:
+        kwargs["jac_probes"] = jac_probes
+
+    def _one(image, state, jac_key):
+        extra = kwargs if jac_key is None else kwargs | {"jac_key": jac_key}
+        return model(image, state, **extra)
+
+    return jax.vmap(_one, axis_name="batch", in_axes=(0, None, 0), out_axes=(0, None, 0))(
+        images, bn_state, jac_keys
     )
 
 
 def make_train_step(config: Config):
     optimizer, lr_at = make_optimizer(config)
 
-    def loss_fn(model, bn_state, images, labels):
-        logits, bn_state, stats = _forward(model, bn_state, vdata.normalise(images))
+    def loss_fn(model, bn_state, images, labels, jac_keys):
+        """Cross-entropy, plus `jac_reg` times the batch mean of the Jacobian penalty when
+        `jac_keys` is given (only for `jac_reg > 0`: otherwise nothing is computed)."""
+        logits, bn_state, stats = _forward(
+            model, bn_state, vdata.normalise(images),
+            jac_keys=jac_keys, jac_probes=config.jac_reg_probes,
+        )  # fmt: skip
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        if jac_keys is not None:
+            loss = loss + config.jac_reg * jnp.mean(stats["jac_penalty"])
         return loss, (bn_state, jnp.mean(jnp.argmax(logits, -1) == labels), stats)
 
     @eqx.filter_jit
     def train_step(state: TrainState, batch, key):
         images = vdata.augment(key, batch["image"]) if config.augment else batch["image"]
+        # Probe keys for the Jacobian penalty: from `fold_in(key, 1)`, so the augmentation
+        # draws the same with and without it.
+        n = batch["label"].shape[0]
+        jac_keys = jr.split(jr.fold_in(key, 1), n) if config.jac_reg > 0 else None
         loss_and_grad = eqx.filter_value_and_grad(loss_fn, has_aux=True)
         (loss, (bn_state, acc, stats)), grads = loss_and_grad(
-            state.model, state.model_state, images, batch["label"]
+            state.model, state.model_state, images, batch["label"], jac_keys
         )
         params = eqx.filter(state.model, eqx.is_inexact_array)
         updates, opt_state = optimizer.update(grads, state.opt_state, params, value=loss)
@@ -72,9 +96,10 @@ def make_train_step(config: Config):
 
 
 @eqx.filter_jit
-def eval_step(model, bn_state, images, labels, valid):
-    """Sums over the first `valid` rows: loss, correct predictions, solver statistics."""
-    logits, _, stats = _forward(model, bn_state, vdata.normalise(images))
+def eval_step(model, bn_state, images, labels, valid, step_budget=None):
+    """Sums over the first `valid` rows: loss, correct predictions, solver statistics.
+    `step_budget` (an int32 scalar array) caps every DEQ block's solver steps."""
+    logits, _, stats = _forward(model, bn_state, vdata.normalise(images), step_budget=step_budget)
     mask = jnp.arange(labels.shape[0]) < valid
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     sums = {"loss": losses, "acc": jnp.argmax(logits, -1) == labels, **stats}
@@ -83,11 +108,14 @@ def eval_step(model, bn_state, images, labels, valid):
     }
 
 
-def evaluate(model, bn_state, images, labels, batch_size: int) -> dict[str, float]:
-    """Mean loss, accuracy and solver statistics, BatchNorm in inference mode."""
+def evaluate(
+    model, bn_state, images, labels, batch_size: int, step_budget=None
+) -> dict[str, float]:
+    """Mean loss, accuracy and solver statistics, BatchNorm in inference mode. `step_budget`:
+    see `eval_step` (a new value reuses the compiled step)."""
     model, sums = eqx.nn.inference_mode(model), {}
     for x, y, valid in vdata.eval_batches(images, labels, batch_size):
-        for name, value in eval_step(model, bn_state, x, y, valid).items():
+        for name, value in eval_step(model, bn_state, x, y, valid, step_budget).items():
             sums[name] = sums.get(name, 0.0) + float(value)
     return {name: total / len(images) for name, total in sums.items()}
 

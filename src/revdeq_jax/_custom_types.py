@@ -15,6 +15,7 @@ Scalar: TypeAlias = Float[Array, ""]
 IntScalar: TypeAlias = Int[Array, ""]
 BoolScalar: TypeAlias = Bool[Array, ""]
 RealScalarLike: TypeAlias = float | int | Float[ArrayLike, ""]
+StepBudget: TypeAlias = int | Int[ArrayLike, ""]  # a runtime limit on the solver's steps
 
 __all__ = [
     "Args",
@@ -24,5 +25,6 @@ __all__ = [
     "RealScalarLike",
     "Scalar",
     "SolverState",
+    "StepBudget",
     "Z",
 ]

@@ -1,6 +1,5 @@
 """The one entry point: `fixed_point`."""
 
-import functools as ft
 import numbers
 
 import equinox as eqx
@@ -12,8 +11,8 @@ import numpy as np
 from ._adjoint.base import AbstractAdjoint
 from ._adjoint.implicit import ImplicitAdjoint
 from ._adjoint.reversible import ReversibleAdjoint
-from ._custom_types import Args, Fn, Z
-from ._iterate import check_tolerances, has_stopping_test, iterate
+from ._custom_types import Args, Fn, IntScalar, StepBudget, Z
+from ._iterate import BoundIterate, check_tolerances, has_stopping_test
 from ._misc import check_self_map
 from ._precision import UserFn
 from ._solution import classify, RESULTS, Solution
@@ -43,6 +42,62 @@ def check_options(
     if max_steps < 1:
         raise ValueError(f"`max_steps={max_steps}` must be at least 1.")
     return check_tolerances(rtol, atol, tol, default_rtol=DEFAULT_RTOL, owner=owner)
+
+
+def check_step_budget(
+    step_budget: object,  # anything: this is the check that it is an integer scalar
+    max_steps: int,
+    *,
+    owner: str = "fixed_point",
+) -> IntScalar | None:
+    """Trace-time checks of a runtime step budget, and the int32 scalar it becomes,
+    clamped to `[0, max_steps]`.
+
+    A Python int is static, so it is checked against the range here; an array's value is
+    only known at run time, so it is clamped (a budget above the ceiling runs
+    `max_steps` steps, a negative one none).
+    """
+    if step_budget is None:
+        return None
+    hint = (
+        f"Pass an integer scalar array, e.g. `{owner}(..., step_budget=jnp.asarray(4))`"
+        " (its value can then change without recompiling)"
+    )
+    if isinstance(step_budget, bool) or (
+        eqx.is_array(step_budget) and step_budget.dtype == jnp.bool_
+    ):
+        raise TypeError(f"`step_budget` must be an integer, got a bool. {hint}.")
+    if isinstance(step_budget, numbers.Integral):
+        if not 0 <= step_budget <= max_steps:
+            raise ValueError(
+                f"`step_budget={step_budget}` must lie in [0, max_steps={max_steps}]: "
+                "`max_steps` is the compiled ceiling of the loop. Raise `max_steps` to "
+                "allow larger budgets (an array budget above it is clamped)."
+            )
+        return jnp.asarray(step_budget, jnp.int32)
+    if not eqx.is_array(step_budget):
+        raise TypeError(
+            f"`step_budget` must be an int or an integer scalar array, got "
+            f"{type(step_budget).__name__}. {hint}."
+        )
+    if not jnp.issubdtype(step_budget.dtype, jnp.integer):
+        raise TypeError(
+            f"`step_budget` must have an integer dtype, got {step_budget.dtype}: a step "
+            f"count is not rounded for you. {hint}, or cast it with "
+            "`.astype(jnp.int32)`."
+        )
+    if step_budget.shape != ():
+        raise ValueError(
+            f"`step_budget` must be a scalar, got shape {step_budget.shape}. For one "
+            "budget per example, `jax.vmap` the solve over the budgets: inside it each "
+            "example's budget is a scalar."
+        )
+    budget = jnp.asarray(step_budget)
+    if budget.dtype.itemsize < 4:
+        budget = budget.astype(jnp.int32)  # exact; and `max_steps` may not fit in int8
+    # Clamp in the budget's own dtype (an int64 or uint32 above 2**31 stays large), then
+    # narrow: the result lies in [0, max_steps], which int32 holds.
+    return jnp.clip(budget, 0, max_steps).astype(jnp.int32)
 
 
 def _check_fn(fn: Fn, z0: Z, args: Args) -> tuple[UserFn, Z]:
@@ -111,6 +166,7 @@ def fixed_point(
     atol: float = 0.0,
     tol: float | None = None,
     throw: bool = False,
+    step_budget: StepBudget | None = None,
 ) -> Solution:
     r"""Finds $z^* = f(z^*, x)$ and makes it differentiable.
 
@@ -130,7 +186,8 @@ def fixed_point(
       [`revdeq_jax.ImplicitAdjoint`][]. `None` (the default): `ReversibleAdjoint()` for a
       reversible solver, `ImplicitAdjoint()` for any other.
     - `max_steps`: the most solver steps to take (each step of `Reversible` evaluates `fn`
-      twice).
+      twice). Static: it sizes the compiled loop (and the exact state's buffer, the
+      unrolled scan, the checkpointing schedule).
     - `rtol`, `atol`: stop once
 
         $\|f(z) - z\|_\mathrm{rms} \le \mathrm{atol} + \mathrm{rtol}\,\|f(z)\|_\mathrm{rms}$,
@@ -146,6 +203,19 @@ def fixed_point(
     - `throw`: raise a runtime error (via `eqx.error_if`) if the iteration produced a
       non-finite value. Hitting `max_steps` is reported in `sol.result` but never raised:
       DEQs are usually run on a step budget.
+    - `step_budget`: a runtime limit on the number of steps, at most `max_steps`: an
+      integer scalar array (any integer dtype), whose value may change from call to
+      call *without recompiling*; `None` (the default) means `max_steps`. The solve
+      stops after `min(step_budget, max_steps)` steps or earlier by the tolerances, and
+      is then the solve compiled with `max_steps=step_budget`, for every solver and
+      adjoint: the same `num_steps`, and the same value and gradient (to the bit with
+      the reversible, implicit and phantom adjoints; within a few ulps with
+      `UnrolledAdjoint`/`CheckpointAdjoint`, whose loop of `max_steps` steps XLA may
+      compile differently). The reversible adjoint reverses the steps actually taken;
+      `UnrolledAdjoint` still pays for `max_steps` masked steps.
+      An array budget is clamped to `[0, max_steps]`; a Python int is static (each
+      value compiles anew) and must lie in that range. 0 takes no step and returns
+      `z0`. Under `jax.vmap` it may be batched: one budget per example.
 
     **Returns:** a [`revdeq_jax.Solution`][].
 
@@ -156,7 +226,8 @@ def fixed_point(
         raise TypeError(f"`throw` must be a bool, got {throw!r}.")
     adjoint = default_adjoint(solver) if adjoint is None else adjoint
     fn, z0, solver, rtol, atol = setup(fn, z0, args, solver, adjoint, max_steps, rtol, atol, tol)
-    primal = ft.partial(iterate, solver=solver, max_steps=max_steps, rtol=rtol, atol=atol)
+    step_budget = check_step_budget(step_budget, max_steps)  # after `max_steps` is checked
+    primal = BoundIterate(solver, max_steps, rtol, atol, step_budget)
     out = adjoint.apply(primal, (fn, args, z0), solver)
     result = classify(out.converged, out.finite, has_stopping_test(rtol, atol))
     value = out.value

@@ -155,12 +155,16 @@ def iterate(
     max_steps: int,
     rtol: float,
     atol: float,
+    step_budget: Int[Array, ""] | None = None,
 ) -> LoopResult:
     """Runs `solver` from `z0` until `stopping_test` passes, a non-finite value appears,
-    or `max_steps` steps are taken.
+    or `max_steps` steps are taken (or `step_budget` steps, when given).
 
     `inputs = (fn, args, z0)`; `solver` must already be prepared
-    (`solver.prepare(z0, max_steps)`).
+    (`solver.prepare(z0, max_steps)`). `max_steps` is the static ceiling that sizes the
+    loop (the length of the unrolled scan, the checkpointing schedule); `step_budget`, an
+    int32 scalar already clamped to `[0, max_steps]` (see `check_step_budget`), is a
+    runtime limit below it: changing its value does not change the compiled program.
     """
     fn, args, z0 = inputs
     with solver.scope():
@@ -169,10 +173,12 @@ def iterate(
         def _test(state):
             return stopping_test(*solver.current(state), rtol, atol)
 
+        limit = max_steps if step_budget is None else step_budget
+
         def _cond(carry):
             n, state = carry
             converged, _, _, finite = _test(state)
-            return (n < max_steps) & finite & ~converged
+            return (n < limit) & finite & ~converged
 
         def _body(carry):
             n, state = carry
@@ -191,4 +197,32 @@ def iterate(
             finite=finite,
             nfe=(1 + solver.nfe_per_step * n).astype(jnp.int32),
             state=state,
+        )
+
+
+class BoundIterate(eqx.Module):
+    """`iterate` with everything but `(inputs, while_loop)` bound: the `primal` an adjoint
+    is handed and runs as `primal(inputs, while_loop)`.
+
+    A Module rather than a `functools.partial` so that the runtime `step_budget` is an
+    array *leaf*: Equinox's custom-VJP wrappers pass it through as a non-differentiable
+    dynamic input (it is an integer array), so a new value of the budget is a new input
+    of the same compiled program, never a new static argument or a closed-over tracer.
+    """
+
+    solver: AbstractSolver
+    max_steps: int = eqx.field(static=True)
+    rtol: float = eqx.field(static=True)
+    atol: float = eqx.field(static=True)
+    step_budget: Int[Array, ""] | None = None
+
+    def __call__(self, inputs: Inputs, while_loop: WhileLoop) -> LoopResult:
+        return iterate(
+            inputs,
+            while_loop,
+            solver=self.solver,
+            max_steps=self.max_steps,
+            rtol=self.rtol,
+            atol=self.atol,
+            step_budget=self.step_budget,
         )

@@ -7,6 +7,7 @@ import equinox as eqx
 import jax.numpy as jnp
 
 from .._adjoint.base import AbstractAdjoint
+from .._custom_types import StepBudget
 from .._fixed_point import check_options, default_adjoint, fixed_point
 from .._solution import Solution
 from .._solver.base import AbstractSolver
@@ -25,6 +26,7 @@ class DEQ(eqx.Module):
     deq = rdeq.DEQ(layer, solver=rdeq.Reversible(beta=0.5), max_steps=4, tol=1e-3)
     z = deq(x)                               # z0 = zeros_like(x)
     z, sol = deq(x, return_solution=True)    # sol.num_steps, sol.residual, sol.nfe
+    z = deq(x, step_budget=jnp.asarray(2))   # at most 2 steps, same compiled program
     ```
 
     **Arguments:**
@@ -35,7 +37,7 @@ class DEQ(eqx.Module):
       reversible adjoint, and the dtype of the model otherwise).
     - `adjoint`: gradient strategy (default: `ReversibleAdjoint()` for a reversible
       solver, `ImplicitAdjoint()` for any other).
-    - `max_steps`: solver step budget.
+    - `max_steps`: solver step budget; the ceiling of the `step_budget` a call may pass.
     - `tol`: the relative tolerance, another name for `rtol`.
     - `throw`: raise at run time on non-finite values.
     - `rtol`, `atol`: stop once
@@ -82,7 +84,12 @@ class DEQ(eqx.Module):
         return self.rtol
 
     def __call__(
-        self, x: Any, z0: Any = None, *, return_solution: bool = False
+        self,
+        x: Any,
+        z0: Any = None,
+        *,
+        return_solution: bool = False,
+        step_budget: StepBudget | None = None,
     ) -> Any | tuple[Any, Solution]:
         """**Arguments:**
 
@@ -90,6 +97,11 @@ class DEQ(eqx.Module):
         - `z0`: initial state; defaults to `jnp.zeros_like(x)` when `x` is an array.
         - `return_solution`: also return the [`revdeq_jax.Solution`][] (solver
           statistics).
+        - `step_budget`: at most this many solver steps for this call, below the
+          layer's `max_steps` (the compiled ceiling). An integer scalar array, so that
+          its value changes without recompiling, e.g. to sweep NFE at evaluation; an
+          array above `max_steps` is clamped to it. `None`: `max_steps`. See
+          [`revdeq_jax.fixed_point`][].
 
         **Returns:** the fixed point, or `(fixed_point, solution)`.
         """
@@ -110,5 +122,6 @@ class DEQ(eqx.Module):
             rtol=self.rtol,
             atol=self.atol,
             throw=self.throw,
+            step_budget=step_budget,
         )
         return (sol.value, sol) if return_solution else sol.value

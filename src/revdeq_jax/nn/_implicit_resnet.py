@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._custom_types import StepBudget
 from .._fixed_point import default_adjoint
+from .._jacobian_penalty import jacobian_penalty
 from .._solver.reversible import Reversible
 from ._conv import ConvResidualLayer, default_groups
 from ._deq import DEQ
@@ -38,6 +40,19 @@ def _solution_stats(sols) -> dict[str, Array]:
         "steps": sum(jnp.asarray(s.num_steps, jnp.int32) for s in sols),
         "residual": jnp.max(jnp.stack([jnp.asarray(s.residual, jnp.float32) for s in sols])),
     }
+
+
+def _block_budget(step_budget: StepBudget | None, block: DEQ) -> StepBudget | None:
+    """One budget for blocks of different ceilings: each runs at most
+    `min(step_budget, block.max_steps)` steps (an array, so never a trace-time error)."""
+    return None if step_budget is None else jnp.minimum(step_budget, block.max_steps)
+
+
+def _penalty(block: DEQ, z, x, key: PRNGKeyArray, num_probes: int) -> Array:
+    """`jacobian_penalty` of `block`'s layer at its fixed point `z` held constant (the
+    convention of Bai et al.'s code: the penalty acts on the parameters through $f$)."""
+    z = jax.lax.stop_gradient(z)
+    return jacobian_penalty(block.layer, z, x, key=key, num_probes=num_probes)
 
 
 class PreActDownsample(eqx.Module):
@@ -183,21 +198,45 @@ class ImplicitResNet(eqx.Module):
         self.head = eqx.nn.Linear(channels[-1], num_classes, dtype=dtype, key=k_head)
         self.deq_residual = deq_residual
 
-    def __call__(self, x: Image, state: eqx.nn.State, *, key: Key | None = None) -> Output:
+    def __call__(
+        self,
+        x: Image,
+        state: eqx.nn.State,
+        *,
+        key: Key | None = None,
+        step_budget: StepBudget | None = None,
+        jac_key: Key | None = None,
+        jac_probes: int = 1,
+    ) -> Output:
         """Returns `(logits, state, stats)`; `stats` holds this example's solver statistics:
-        `nfe` and `steps` summed over the blocks, and the largest final `residual`."""
+        `nfe` and `steps` summed over the blocks, and the largest final `residual`.
+
+        - `step_budget`: at most this many solver steps in every block, each block's own
+          `steps` capping it (an integer scalar array changes without recompiling; see
+          [`revdeq_jax.DEQ`][]).
+        - `jac_key`: if given, `stats["jac_penalty"]` is the sum over the blocks of
+          [`revdeq_jax.jacobian_penalty`][] of each block's layer at its fixed point
+          (held constant), with `jac_probes` probes drawn from this key: add
+          `jac_reg * stats["jac_penalty"]` to the loss for Jacobian regularisation.
+        """
         del key
         h, state = self.encoder_norm(self.encoder(x), state)
         h = jax.nn.relu(h)
-        sols = []
+        sols, penalties = [], []
+        jac_keys = None if jac_key is None else jr.split(jac_key, len(self.blocks))
         for i, block in enumerate(self.blocks):
-            z, sol = block(h, return_solution=True)
+            z, sol = block(h, return_solution=True, step_budget=_block_budget(step_budget, block))
             sols.append(sol)
+            if jac_keys is not None:
+                penalties.append(_penalty(block, z, h, jac_keys[i], jac_probes))
             h = h + z if self.deq_residual else z
             if i < len(self.downsamples):
                 h, state = self.downsamples[i](h, state)
         logits = self.head(jnp.mean(h, axis=(1, 2)))
-        return logits, state, _solution_stats(sols)
+        stats = _solution_stats(sols)
+        if penalties:
+            stats["jac_penalty"] = sum(penalties)
+        return logits, state, stats
 
 
 class SingleScaleDEQ(eqx.Module):
@@ -245,13 +284,29 @@ class SingleScaleDEQ(eqx.Module):
         self.head = eqx.nn.Linear(channels * pool * pool, num_classes, dtype=dtype, key=k_head)
         self.pool = pool
 
-    def __call__(self, x: Image, state: eqx.nn.State, *, key: Key | None = None) -> Output:
+    def __call__(
+        self,
+        x: Image,
+        state: eqx.nn.State,
+        *,
+        key: Key | None = None,
+        step_budget: StepBudget | None = None,
+        jac_key: Key | None = None,
+        jac_probes: int = 1,
+    ) -> Output:
+        """Returns `(logits, state, stats)`; `step_budget`, `jac_key` and `jac_probes` as
+        for [`revdeq_jax.nn.ImplicitResNet`][]."""
         del key
         h = self.encoder_norm(self.encoder(x))
-        z, sol = self.block(h, return_solution=True)
+        z, sol = self.block(
+            h, return_solution=True, step_budget=_block_budget(step_budget, self.block)
+        )
         c, hh, ww = z.shape
         if hh % self.pool or ww % self.pool:
             raise ValueError(f"image size {hh}x{ww} is not divisible by `pool`={self.pool}.")
         pooled = z.reshape(c, self.pool, hh // self.pool, self.pool, ww // self.pool).mean((2, 4))
         logits = self.head(pooled.reshape(-1))
-        return logits, state, _solution_stats([sol])
+        stats = _solution_stats([sol])
+        if jac_key is not None:
+            stats["jac_penalty"] = _penalty(self.block, z, h, jac_key, jac_probes)
+        return logits, state, stats
