@@ -15,8 +15,8 @@ the batch), each `beta`, each number of steps (`tol=0`: every solve takes exactl
 * `float32x2`: `TwoFloatState()`, about 48 bits, no 64-bit types,
 * `float64`: `FloatState(jnp.float64)`, 64-bit switched on only around the solver,
 * `exact`: `ExactState()`, fixed-point int64 plus an information buffer, `fn`'s output
-  rounded to a lattice with 4 guard bits, so the backward pass snaps re-evaluations
-  within 7.5 ulps back onto the forward's value,
+  rounded to a lattice with 6 guard bits, so the backward pass snaps re-evaluations
+  within 31.5 ulps back onto the forward's value,
 * `exact-nolattice`: `ExactState(guard_bits=0)`, the previous exact state: exact only
   if the backward pass re-evaluates `fn` to the same bits,
 
@@ -661,8 +661,8 @@ NOTES = """Reading the tables:
   would have been refused). The exact states flag any deviation at all; floating states
   never reconstruct exactly and flag a relative deviation above 1e-3.
 - `exact` rounds `fn`'s output to a lattice (one ulp of the leaf's largest binade) and
-  keeps 4 guard bits per evaluation, so the backward pass snaps each re-evaluation back
-  onto the forward's value if it lies within 7.5 ulps; **drift** is how far the
+  keeps 6 guard bits per evaluation, so the backward pass snaps each re-evaluation back
+  onto the forward's value if it lies within 31.5 ulps; **drift** is how far the
   re-evaluations landed from the lattice point they were snapped to (0.5 = a bit-identical
   re-evaluation, since the forward rounded to the nearest point; above 8 = beyond the
   guarantee). `exact-nolattice` (`guard_bits=0`, the previous design) needs bit-identical
@@ -822,7 +822,7 @@ def write_markdown(data, path) -> None:
         "gradient w.r.t. every block parameter and the input. States: `float32` = "
         "`FloatState(jnp.float32)`, `float32x2` = `TwoFloatState()`, `float64` = "
         "`FloatState(jnp.float64)`, `exact` = `ExactState()` (32 fraction bits, lattice "
-        "1 ulp, 4 guard bits: tolerance 7.5 ulps), `exact-nolattice` = "
+        "1 ulp, 6 guard bits: tolerance 31.5 ulps), `exact-nolattice` = "
         "`ExactState(guard_bits=0)` (the previous exact state).",
         "- Blocks (`benchmarks/blocks.py`): "
         + "; ".join(

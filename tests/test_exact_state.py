@@ -158,20 +158,22 @@ def _temp_bytes(solver, steps, block, x):
 @pytest.mark.parametrize("name", ["attention", "conv"])
 def test_exact_memory_bound(name, getkey):
     """Memory grows only by the information buffer: 2 * 32 / d bits per element per step,
-    d = floor(32 / log2(b * 2**m)) digits per uint32 word (beta = 0.9: b = 10; m = 4 guard
-    bits: d = 4), plus one int32 lattice exponent per leaf per step."""
+    d = floor(32 / log2(b * 2**m)) digits per uint32 word (beta = 0.9: b = 10; m = 6 guard
+    bits: d = 3), plus one int32 lattice exponent per leaf per step."""
     block, x = make_block(name, key=getkey(), dtype=jnp.float32)
     solver = rdeq.Reversible(0.9, state_dtype="exact")
     m4, elements = _temp_bytes(solver, 4, block, x)
     m64, _ = _temp_bytes(solver, 64, block, x)
     d = ExactState().digits_per_word(0.9)
-    assert d == 4 and ExactState().buffer_bits_per_step(0.9) == 16.0
+    assert d == 3 and ExactState().buffer_bits_per_step(0.9) == 64 / 3
     buffer_growth = 2 * 4 * (math.ceil(64 / d) - math.ceil(4 / d)) * elements  # bytes
     exponents = 2 * 4 * 60 * 8  # y and z, int32, 60 more steps, 8 examples
-    # Measured (batch backward rule, buffer read-only on the way back): 1.14x the buffer on
-    # the attention block, 1.52x on the conv block (349328 -> 774672 B; XLA keeps a
-    # second copy of part of it across the forward/backward boundary).
-    assert buffer_growth <= m64 - m4 <= 1.6 * (buffer_growth + exponents), (m4, m64)
+    # Measured growth / (buffer + exponents), buffer read-only on the way back: attention
+    # 1.40x; conv 1.69x with the batch backward rule (367760 -> 995984 B), 1.61x with the
+    # per-example rule, and 1.52x / 1.41x with 4 guard bits. XLA keeps a second copy of
+    # part of the buffer across the forward/backward boundary, in proportion to it; the
+    # bound is that measured overhead plus 4%, not a target.
+    assert buffer_growth <= m64 - m4 <= 1.75 * (buffer_growth + exponents), (m4, m64)
     # Storing the 64 float32 iterates (y and z), as unrolled autodiff must, costs more.
     assert m64 - m4 < 2 * 4 * 60 * elements
 
@@ -221,7 +223,7 @@ def _ulp_of_top(f: np.ndarray) -> float:
 @pytest.mark.parametrize("beta", [0.5, 0.8, 0.9])
 @pytest.mark.parametrize("seed", range(3))
 def test_pop_snaps_perturbed_reevaluations(beta, seed):
-    """The stated guarantee, element by element: a re-evaluation within the tolerance (7.5
+    """The stated guarantee, element by element: a re-evaluation within the tolerance (31.5
     ulps of the top binade by default) of the forward's value is snapped back onto it, and
     reversal stays bit-exact; one just past twice the tolerance is not, and the mismatch
     check sees it."""
@@ -232,7 +234,7 @@ def test_pop_snaps_perturbed_reevaluations(beta, seed):
     z0 = jnp.asarray(rng.normal(size=64), jnp.float32)
     state = _prepared(beta, steps, z0)
     tol = state.tolerance_ulps()
-    assert tol == 7.5
+    assert tol == 31.5
     with state.scope():
         e0 = state.encode(z0)
         e = e0
@@ -241,7 +243,7 @@ def test_pop_snaps_perturbed_reevaluations(beta, seed):
         top = e
         for f in fs[::-1]:
             ulp = _ulp_of_top(f)
-            shift = rng.integers(-int(tol), int(tol) + 1, size=f.shape)  # |shift| <= 7 < 7.5
+            shift = rng.integers(-int(tol), int(tol) + 1, size=f.shape)  # |shift| <= 31 < 31.5
             # keep only the shifts whose float32 result is within tolerance (rounding at the
             # top binade can add half an ulp)
             g = (f.astype(np.float64) + shift * ulp).astype(np.float32)

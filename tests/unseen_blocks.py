@@ -124,3 +124,20 @@ class TanhLayer(eqx.Module):
 
     def __call__(self, z, x):
         return jnp.tanh(self.w @ z + x)
+
+
+class WideTanhMLP(eqx.Module):
+    """`w2 @ tanh(w1 @ (z + x))`, width `d`, hidden `h`: the plainest DEQ layer, wide.
+    Per-example under `vmap` its backward re-evaluation lands 7-14 ulps from the forward's
+    value on CPU (widths 64 to 1024), past the 7.5 ulps of 4 guard bits."""
+
+    w1: jax.Array
+    w2: jax.Array
+
+    def __init__(self, width, hidden, *, key):
+        k1, k2 = jax.random.split(key)
+        self.w1 = jax.random.normal(k1, (hidden, width)) / np.sqrt(width)
+        self.w2 = 0.3 * jax.random.normal(k2, (width, hidden)) / np.sqrt(hidden)
+
+    def __call__(self, z, x):
+        return self.w2 @ jnp.tanh(self.w1 @ (z + x))

@@ -31,9 +31,9 @@ $Q$ is made recoverable from an *approximate* re-evaluation:
   $L$ whenever $|X' - L| < 2^{m-1}$: that is, whenever every element of the
   re-evaluation lies within $(2^{m-1} - \tfrac12)\,U$ of the forward's value.
 
-With the defaults ($k = 0$, $m = 4$) the lattice is one ulp (of `fn`'s dtype) of the
+With the defaults ($k = 0$, $m = 6$) the lattice is one ulp (of `fn`'s dtype) of the
 largest element's binade, `fn`'s output is rounded to within half of one, and reversal is
-**exact to the bit whenever the re-evaluation is within 7.5 ulps** (of that binade) of the
+**exact to the bit whenever the re-evaluation is within 31.5 ulps** (of that binade) of the
 forward's value, element by element. The rounding is the price: it applies to every
 element of the leaf at the resolution of its largest, which for the leaf's small
 elements is coarser than `fn`'s own rounding (`benchmarks/results/precision.md` gives
@@ -45,8 +45,8 @@ probability), which
 
 **Memory.** Per element, the state takes 2 x 64 bits, and each step pushes one digit of
 radix $b \cdot 2^m$ for each of $y$ and $z$, packed $d = \lfloor 32 / \log_2(b 2^m)
-\rfloor$ to a uint32 word: $2 \cdot 32 / d$ bits per element per step (10.7, 12.8 and
-16 for `beta` = 0.5, 0.8, 0.9 with $m = 4$), sized by `max_steps`, each word filled
+\rfloor$ to a uint32 word: $2 \cdot 32 / d$ bits per element per step (16, 21.3 and
+21.3 for `beta` = 0.5, 0.8, 0.9 with $m = 6$), sized by `max_steps`, each word filled
 least significant digit first. The backward pass only reads the buffer (a step's digit is
 found from its index), so the reversed loop never writes it back. The buffer grows
 with `max_steps`; it is still far below storing the iterates (2 x 32 bits per element
@@ -144,7 +144,7 @@ class ExactState(AbstractState):
     are stored, so that the backward pass snaps its re-evaluation of `fn` back onto the
     value the forward pass used: **reversal is exact to the bit whenever every element of
     the re-evaluation lies within $(2^{m-1} - \frac12) \cdot 2^k$ ulps of the forward's
-    value** (7.5 ulps with the defaults), whatever XLA does to `fn` in the
+    value** (31.5 ulps with the defaults), whatever XLA does to `fn` in the
     backward program. The reversible gradient then *equals* the unrolled gradient of the
     forward pass, at any depth. See the module documentation of `revdeq_jax._state.exact`
     for the derivation.
@@ -155,7 +155,7 @@ class ExactState(AbstractState):
     for the solver's own arithmetic; no 64-bit floats.
 
     **Memory:** 2 x 64 bits per element for the state, $2 \cdot 32 / \lfloor 32 /
-    \log_2(b\,2^m) \rfloor$ buffer bits per element per step (10.7, 12.8 and 16 for
+    \log_2(b\,2^m) \rfloor$ buffer bits per element per step (16, 21.3 and 21.3 for
     `beta` = 0.5, 0.8, 0.9 with the defaults), sized by `max_steps`, and one int32 per leaf
     per step.
 
@@ -175,7 +175,7 @@ class ExactState(AbstractState):
 
     fraction_bits: int = eqx.field(default=32, static=True)
     lattice_bits: int = eqx.field(default=0, static=True)
-    guard_bits: int = eqx.field(default=4, static=True)
+    guard_bits: int = eqx.field(default=6, static=True)
     capacity: int | None = eqx.field(default=None, static=True, repr=False)
     ratio: tuple[int, int] | None = eqx.field(default=None, static=True, repr=False)
 
@@ -245,7 +245,7 @@ class ExactState(AbstractState):
             return (
                 "This exact state has no lattice (`guard_bits=0`): it is exact only if "
                 "the backward pass re-evaluates `fn` to the same bits. Use the default "
-                "`ExactState()` (guard bits 4)."
+                "`ExactState()` (guard bits 6)."
             )
         wider = dataclasses.replace(self, guard_bits=min(m + 2, 8), capacity=None, ratio=None)
         return (
