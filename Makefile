@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --durations=25
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n auto -m slow
