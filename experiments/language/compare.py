@@ -273,14 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     out, runs = pathlib.Path(args.out), pathlib.Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        splits = data.load_splits(
-            data_dir=base.data_dir,
-            hub_config=base.hub_config,
-            splits=base.splits,
-            holdout_fraction=base.holdout_fraction,
-            tokenizer_dir=base.tokenizer_dir,
-            cache_dir=base.cache_dir,
-        )
+        splits = data.splits_for(base)
     except data.DataError as e:
         sys.exit(f"error: {e}")
     table = variants(base)

@@ -281,6 +281,18 @@ class TokenSplits:
     description: str  # one line saying where each split comes from
 
 
+def splits_for(config) -> TokenSplits:
+    """`load_splits` with the data fields of an experiment `Config`."""
+    return load_splits(
+        data_dir=config.data_dir,
+        hub_config=config.hub_config,
+        splits=config.splits,
+        holdout_fraction=config.holdout_fraction,
+        tokenizer_dir=config.tokenizer_dir,
+        cache_dir=config.cache_dir,
+    )
+
+
 def load_splits(
     *,
     data_dir: str | Path | None = None,

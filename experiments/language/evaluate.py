@@ -87,14 +87,7 @@ def evaluate_checkpoint(
         config = dataclasses.replace(config, max_steps=max(config.max_steps, *sweep_steps))
     skeleton = eqx.filter_eval_shape(train.init_state, config)
     state, header = load_checkpoint(path, like=skeleton)
-    splits = data.load_splits(
-        data_dir=config.data_dir,
-        hub_config=config.hub_config,
-        splits=config.splits,
-        holdout_fraction=config.holdout_fraction,
-        tokenizer_dir=config.tokenizer_dir,
-        cache_dir=config.cache_dir,
-    )
+    splits = data.splits_for(config)
     tokens = {"val": splits.val, "test": splits.test}[split]
     results = train.evaluate(state.model, tokens, config, max_tokens, step_budget=budget)
     if sweep_steps:
@@ -142,18 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     if not path.is_file():
         sys.exit(f"error: no checkpoint {args.checkpoint!r} in {workdir} (train first)")
     try:
-        results = evaluate_checkpoint(
-            path,
-            split=args.split,
-            max_tokens=args.max_tokens,
-            data_dir=args.data_dir,
-            tokenizer_dir=args.tokenizer_dir,
-            cache_dir=args.cache_dir,
-            max_steps=args.max_steps,
-            tol=args.tol,
-            eval_batch_size=args.eval_batch_size,
-            sweep_steps=args.sweep_steps,
-        )
+        options = {k: v for k, v in vars(args).items() if k not in ("workdir", "checkpoint")}
+        results = evaluate_checkpoint(path, **options)  # the CLI names are its keywords
     except (data.DataError, CheckpointError, cfg.ConfigError) as e:
         sys.exit(f"error: {e}")
     out = workdir / f"eval-{path.stem}-{args.split}.json"

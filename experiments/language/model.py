@@ -22,6 +22,8 @@ its stats then carry `rdeq.jacobian_penalty` of the layer at the fixed point `z*
 
 from __future__ import annotations
 
+from typing import Any, TypeAlias
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -79,27 +81,58 @@ class Head(eqx.Module):
 # Models
 
 
-class DEQTransformerLM(eqx.Module):
-    """Token ids `(seq,)` -> logits `(seq, vocab)` through one equilibrium transformer layer."""
+Ids: TypeAlias = Int[Array, " seq"]
+Key: TypeAlias = PRNGKeyArray
+Output: TypeAlias = tuple[Float[Array, "seq vocab"], dict[str, Array]]  # (logits, stats)
+
+
+def _embed(config: Config, key: PRNGKeyArray) -> Embedding:
+    dtype = DTYPES[config.param_dtype]
+    return Embedding(PADDED_VOCAB_SIZE, config.seq_len, config.dim, key=key, dtype=dtype)
+
+
+def _compute_dtype(config: Config):
+    """The layer arithmetic's dtype where it differs from the parameters', else None."""
+    dtype, compute = DTYPES[config.param_dtype], DTYPES[config.compute_dtype]
+    return None if compute == dtype else compute
+
+
+def _layer(config: Config, key: PRNGKeyArray) -> EquilibriumTransformerLayer:
+    return EquilibriumTransformerLayer(
+        config.dim,
+        config.num_heads,
+        config.mlp_ratio,
+        key=key,
+        dtype=DTYPES[config.param_dtype],
+        compute_dtype=_compute_dtype(config),
+    )
+
+
+def _head(config: Config, key: PRNGKeyArray) -> Head:
+    dtype = DTYPES[config.param_dtype]
+    return Head(
+        PADDED_VOCAB_SIZE, config.dim, key=key, dtype=dtype, compute_dtype=_compute_dtype(config)
+    )
+
+
+class _LM(eqx.Module):
+    """The parts both models share: token and position embedding, head, dropout rate."""
 
     embed: Embedding
-    deq: rdeq.DEQ
     head: Head
     dropout: float = eqx.field(static=True)
     dim: int = eqx.field(static=True)
 
+
+class DEQTransformerLM(_LM):
+    """Token ids `(seq,)` -> logits `(seq, vocab)` through one equilibrium transformer layer."""
+
+    deq: rdeq.DEQ
+
     def __init__(self, config: Config, *, key: PRNGKeyArray):
-        dtype, compute = DTYPES[config.param_dtype], DTYPES[config.compute_dtype]
         k1, k2, k3 = jax.random.split(key, 3)
-        self.embed = Embedding(PADDED_VOCAB_SIZE, config.seq_len, config.dim, key=k1, dtype=dtype)
-        layer = EquilibriumTransformerLayer(
-            config.dim,
-            config.num_heads,
-            config.mlp_ratio,
-            key=k2,
-            dtype=dtype,
-            compute_dtype=None if compute == dtype else compute,
-        )
+        self.embed = _embed(config, k1)
+        layer = _layer(config, k2)
         self.deq = rdeq.DEQ(
             layer,
             solver=make_solver(config),
@@ -107,26 +140,20 @@ class DEQTransformerLM(eqx.Module):
             max_steps=config.max_steps,
             tol=config.tol,
         )
-        self.head = Head(
-            PADDED_VOCAB_SIZE,
-            config.dim,
-            key=k3,
-            dtype=dtype,
-            compute_dtype=None if compute == dtype else compute,
-        )
+        self.head = _head(config, k3)
         self.dropout = config.dropout
         self.dim = config.dim
 
     def __call__(
         self,
-        ids: Int[Array, " seq"],
+        ids: Ids,
         *,
-        key: PRNGKeyArray | None = None,
+        key: Key | None = None,
         inference: bool = False,
         step_budget: Int[Array, ""] | None = None,
-        jac_key: PRNGKeyArray | None = None,
+        jac_key: Key | None = None,
         jac_probes: int = 1,
-    ) -> tuple[Float[Array, "seq vocab"], dict[str, Array]]:
+    ) -> Output:
         """`step_budget`: at most this many solver steps (<= `max_steps`, traced: no
         recompilation). `jac_key`: also return `stats["jac_penalty"]`, the Hutchinson
         estimate of ||J_f(z*)||_F^2 / d with `jac_probes` probes, at `z*` held constant (as
@@ -151,52 +178,25 @@ class DEQTransformerLM(eqx.Module):
         return self.head(z), stats
 
 
-class ExplicitTransformerLM(eqx.Module):
+class ExplicitTransformerLM(_LM):
     """The explicit baseline: `num_layers` distinct post-LN transformer blocks, same parts."""
 
-    embed: Embedding
     layers: tuple[EquilibriumTransformerLayer, ...]
-    head: Head
-    dropout: float = eqx.field(static=True)
-    dim: int = eqx.field(static=True)
 
     def __init__(self, config: Config, *, key: PRNGKeyArray):
-        dtype, compute = DTYPES[config.param_dtype], DTYPES[config.compute_dtype]
         k1, k2, k3 = jax.random.split(key, 3)
-        self.embed = Embedding(PADDED_VOCAB_SIZE, config.seq_len, config.dim, key=k1, dtype=dtype)
-        self.layers = tuple(
-            EquilibriumTransformerLayer(
-                config.dim,
-                config.num_heads,
-                config.mlp_ratio,
-                key=k,
-                dtype=dtype,
-                compute_dtype=None if compute == dtype else compute,
-            )
-            for k in jax.random.split(k2, config.num_layers)
-        )
-        self.head = Head(
-            PADDED_VOCAB_SIZE,
-            config.dim,
-            key=k3,
-            dtype=dtype,
-            compute_dtype=None if compute == dtype else compute,
-        )
+        self.embed = _embed(config, k1)
+        self.layers = tuple(_layer(config, k) for k in jax.random.split(k2, config.num_layers))
+        self.head = _head(config, k3)
         self.dropout = config.dropout
         self.dim = config.dim
 
     def __call__(
-        self,
-        ids: Int[Array, " seq"],
-        *,
-        key: PRNGKeyArray | None = None,
-        inference: bool = False,
-        step_budget: Int[Array, ""] | None = None,
-        jac_key: PRNGKeyArray | None = None,
-        jac_probes: int = 1,
-    ) -> tuple[Float[Array, "seq vocab"], dict[str, Array]]:
-        del jac_probes
-        if step_budget is not None or jac_key is not None:
+        self, ids: Ids, *, key: Key | None = None, inference: bool = False, **solver_options: Any
+    ) -> Output:
+        """As `DEQTransformerLM`; the solver's options (`step_budget`, `jac_key`) are
+        refused: there is no fixed point."""
+        if any(v is not None for k, v in solver_options.items() if k != "jac_probes"):
             raise ValueError(
                 "the explicit model has no fixed-point solve: `step_budget` (an NFE sweep) "
                 "and `jac_key` (--jac_reg) need --model=deq"

@@ -96,11 +96,7 @@ def train(
     run = runs.Run(workdir)
     run.check(resume=resume, overwrite=overwrite)
     parallel = DataParallel(config.batch_size, config.sharding)  # before data: fails fast
-    splits = data.load_splits(
-        data_dir=config.data_dir, hub_config=config.hub_config, splits=config.splits,
-        holdout_fraction=config.holdout_fraction, tokenizer_dir=config.tokenizer_dir,
-        cache_dir=config.cache_dir,
-    )  # fmt: skip
+    splits = data.splits_for(config)
     print(f"{parallel.describe()}\ndata: {splits.description}")
     state = parallel.place_state(init_state(config))
     state, header = run.restore(state) if resume else (state, {})

@@ -139,15 +139,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"error: {e}") from None
     if not args.workdir:
         raise SystemExit("--workdir=RUN_FOLDER is required (a folder written by the train script)")
-    result = evaluate_workdir(
-        args.workdir,
-        checkpoint=args.checkpoint,
-        data_dir=args.data_dir,
-        test_size=args.test_size,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        sweep_steps=args.sweep_steps,
-    )
+    result = evaluate_workdir(**dataclasses.asdict(args))  # EvalConfig's fields are its args
     out = pathlib.Path(args.workdir) / f"eval_{args.checkpoint}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(

@@ -22,7 +22,7 @@ Models (`Config.model`):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TYPE_CHECKING
+from typing import Any, TYPE_CHECKING, TypeAlias
 
 import diffrax
 import equinox as eqx
@@ -42,6 +42,13 @@ if TYPE_CHECKING:
 # ----------------------------------------------------------------------------------------
 # Explicit ResNet-18 (CIFAR variant)
 # ----------------------------------------------------------------------------------------
+
+
+Image: TypeAlias = Float[Array, "3 h w"]
+Key: TypeAlias = PRNGKeyArray
+Output: TypeAlias = tuple[Float[Array, " classes"], eqx.nn.State, dict[str, Array]]
+"""`(logits, state, stats)`, the calling convention of every model here and of the
+library's `ImplicitResNet`."""
 
 
 class BasicBlock(eqx.Module):
@@ -110,13 +117,7 @@ class ResNet18(eqx.Module):
         )
         self.head = eqx.nn.Linear(c_in, num_classes, key=k_head)
 
-    def __call__(
-        self,
-        x: Float[Array, "3 h w"],
-        state: eqx.nn.State,
-        *,
-        key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, " classes"], eqx.nn.State, dict[str, Array]]:
+    def __call__(self, x: Image, state: eqx.nn.State, *, key: Key | None = None) -> Output:
         del key
         h, state = self.stem_norm(self.stem(x), state)
         h = jax.nn.relu(h)
@@ -204,13 +205,7 @@ class NeuralODEClassifier(eqx.Module):
         self.augment, self.solver, self.steps = augment, solver, steps
         self.rtol, self.atol, self.max_steps = rtol, atol, max_steps
 
-    def __call__(
-        self,
-        x: Float[Array, "3 h w"],
-        state: eqx.nn.State,
-        *,
-        key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, " classes"], eqx.nn.State, dict[str, Array]]:
+    def __call__(self, x: Image, state: eqx.nn.State, *, key: Key | None = None) -> Output:
         del key
         h0 = jnp.concatenate([x, jnp.zeros((self.augment, *x.shape[1:]), x.dtype)])
         solver_cls, evals = _ODE_SOLVERS[self.solver]
