@@ -15,7 +15,7 @@ from jaxtyping import Array
 
 from .._iterate import Inputs, lax_while_loop, LoopResult, Primal
 from .._misc import materialise, tree_add, tree_cast_like, zeros_like_inexact
-from .._solver.base import AbstractReversibleSolver, AbstractSolver, BackwardBatch
+from .._solver.base import AbstractReversibleSolver, AbstractSolver, BackwardBatch, ReverseCarry
 from .base import AbstractAdjoint
 
 
@@ -236,23 +236,28 @@ def _reverse_loop_dynamic(static, dynamic):
 def _reverse_loop(solver, fn, args, z0, y_n, z_n, num_steps, value_bar):
     """One solve walked back: `reverse_loop` unbatched."""
     y_bar, z_bar = solver.init_cotangents(value_bar, y_n)
-    fn_bar = zeros_like_inexact(fn)
-    args_bar = zeros_like_inexact(args)
+    carry = ReverseCarry(y_n, z_n, y_bar, z_bar, (zeros_like_inexact(fn), zeros_like_inexact(args)))
+    return _walk_back(solver, fn, args, z0, carry, num_steps)
 
-    def _body(carry):
-        n, y, z, y_bar, z_bar, params_bar = carry
-        y, z, y_bar, z_bar, params_bar = solver.backward_step(
-            fn, args, y, z, y_bar, z_bar, params_bar, z0
-        )
-        return n - 1, y, z, y_bar, z_bar, params_bar
 
-    init = (num_steps, y_n, z_n, y_bar, z_bar, (fn_bar, args_bar))
-    _, y_0, z_0, y_bar, z_bar, (fn_bar, args_bar) = jax.lax.while_loop(
-        lambda carry: carry[0] > 0, _body, init
-    )
+def _walk_back(solver, fn, args, z0, carry, num_steps, batch_axes=None):
+    """Algorithm 1's loop: undoes `num_steps` steps from `carry`. With `batch_axes =
+    (fn_axes, args_axes)`, a batch of solves with per-example `num_steps` (see
+    `BackwardBatch`).
+
+    **Returns:** `(y_0, z_0, z0_bar, fn_bar, args_bar)`.
+    """
+
+    def _body(loop_carry):
+        n, carry = loop_carry
+        batch = None if batch_axes is None else BackwardBatch(*batch_axes, active=n > 0)
+        carry = solver.backward_step(fn, args, carry, z0, batch=batch)
+        return jnp.maximum(n - 1, 0), carry
+
+    _, carry = jax.lax.while_loop(lambda c: jnp.any(c[0] > 0), _body, (num_steps, carry))
     # y_0 = z_0 = z0, so both cotangents flow into the initial guess.
-    z0_bar = tree_cast_like(tree_add(z_bar, y_bar), z0)
-    return y_0, z_0, z0_bar, fn_bar, args_bar
+    z0_bar = tree_cast_like(tree_add(carry.z_bar, carry.y_bar), z0)
+    return carry.y, carry.z, z0_bar, *carry.params_bar
 
 
 def _reverse_loop_vmap_rule(static, axis_size, in_batched, dynamic):
@@ -290,22 +295,10 @@ def _batched_reverse_loop(static, axis_size, batched, dynamic):
     solver, fn, args, z0, y_n, z_n, num_steps, value_bar = eqx.combine(dynamic, static)
     fn_axes, args_axes = (jtu.tree_map(lambda b: 0 if b else None, t) for t in batched[1:3])
     y_bar, z_bar = jax.vmap(solver.init_cotangents)(value_bar, y_n)
-    fn_bar = zeros_like_inexact(fn)
-    args_bar = zeros_like_inexact(args)
-
-    def _body(carry):
-        n, y, z, y_bar, z_bar, params_bar = carry
-        batch = BackwardBatch(fn_axes, args_axes, active=n > 0)
-        y, z, y_bar, z_bar, params_bar = solver.backward_step(
-            fn, args, y, z, y_bar, z_bar, params_bar, z0, batch=batch
-        )
-        return jnp.maximum(n - 1, 0), y, z, y_bar, z_bar, params_bar
-
-    init = (num_steps, y_n, z_n, y_bar, z_bar, (fn_bar, args_bar))
-    _, y_0, z_0, y_bar, z_bar, (fn_bar, args_bar) = jax.lax.while_loop(
-        lambda carry: jnp.any(carry[0] > 0), _body, init
+    carry = ReverseCarry(y_n, z_n, y_bar, z_bar, (zeros_like_inexact(fn), zeros_like_inexact(args)))
+    y_0, z_0, z0_bar, fn_bar, args_bar = _walk_back(
+        solver, fn, args, z0, carry, num_steps, (fn_axes, args_axes)
     )
-    z0_bar = tree_cast_like(tree_add(z_bar, y_bar), z0)
     out = (y_0, z_0, z0_bar, fn_bar, args_bar)
 
     def _is_batched(axes, ct):

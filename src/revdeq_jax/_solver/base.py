@@ -114,27 +114,33 @@ class AbstractReversibleSolver(AbstractSolver[SolverState]):
         self,
         fn: Fn,
         args: Args,
-        y: PyTree,
-        z: PyTree,
-        y_bar: PyTree,
-        z_bar: PyTree,
-        params_bar: tuple[PyTree, PyTree],
+        carry: "ReverseCarry",
         z_like: PyTree,
         *,
         batch: "BackwardBatch | None" = None,
-    ) -> tuple[PyTree, PyTree, PyTree, PyTree, tuple[PyTree, PyTree]]:
-        """Inverts one step and pulls the cotangents back through it.
+    ) -> "ReverseCarry":
+        """Inverts one step and pulls the cotangents back through it: `carry` holds the
+        coupled state after the step and its cotangents; returns them before it.
 
-        `params_bar = (fn_bar, args_bar)` accumulates the cotangents of `fn` (its
+        `carry.params_bar = (fn_bar, args_bar)` accumulates the cotangents of `fn` (its
         closed-over arrays) and of `args`; `z_like` gives the dtypes `fn` works in.
 
         With `batch` (see `BackwardBatch`) the step acts on a whole batch of solves at
         once: the state, its cotangents and `z_like` carry a leading batch axis, `fn` is
         evaluated once on the batch, the state arithmetic is mapped over it, and only the
         examples `batch.active` marks move; the others come back unchanged.
-
-        **Returns:** `(y_prev, z_prev, y_bar_prev, z_bar_prev, params_bar)`.
         """
+
+
+class ReverseCarry(eqx.Module):
+    """What the reversed loop carries from step to step: the coupled state `(y, z)`, its
+    cotangents, and the accumulated cotangents `params_bar = (fn_bar, args_bar)`."""
+
+    y: PyTree
+    z: PyTree
+    y_bar: PyTree
+    z_bar: PyTree
+    params_bar: tuple[PyTree, PyTree]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ from .._custom_types import Args, Fn, Z
 from .._misc import tree_add, tree_add_ct, tree_cast_like, tree_scale
 from .._state import AbstractState, as_state
 from .._state.base import deviation_size
-from .base import AbstractReversibleSolver, BackwardBatch
+from .base import AbstractReversibleSolver, BackwardBatch, ReverseCarry
 
 
 class ReversibleState(eqx.Module):
@@ -181,15 +181,11 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
         self,
         fn: Fn,
         args: Args,
-        y: PyTree,
-        z: PyTree,
-        y_bar: PyTree,
-        z_bar: PyTree,
-        params_bar: tuple[PyTree, PyTree],
+        carry: ReverseCarry,
         z_like: PyTree,
         *,
         batch: BackwardBatch | None = None,
-    ) -> tuple[PyTree, PyTree, PyTree, PyTree, tuple[PyTree, PyTree]]:
+    ) -> ReverseCarry:
         b = self.beta
         if batch is None:
             state_map = lambda f, *xs: f(*xs)
@@ -203,29 +199,31 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
             call = ft.partial(batch.call, _call)
             only_active = batch.only_active
             accumulate = batch.accumulate
-        # z_{n+1} = (1-b) z_n + b f(y_{n+1}): one VJP gives f(y_{n+1}) for the
-        # reconstruction of z_n and the pullback for the cotangents.
-        fy, pull_y = eqx.filter_vjp(call, state_map(self._down, y, z_like), fn, args)
-        z_prev = state_map(self._invert, z, fy)
-        ct = only_active(tree_cast_like(tree_scale(b, z_bar), z_like))
-        y_in_bar, *step_bar = pull_y(ct)
-        # Accumulate each evaluation's cotangent as it arrives, in the order reverse-mode
-        # autodiff would: this matters for low-precision (bfloat16) parameters.
-        params_bar = accumulate(params_bar, tuple(step_bar))
-        y_bar_next = tree_add(y_bar, y_in_bar)
-        z_bar_prev = tree_scale(1 - b, z_bar)
-        # y_{n+1} = (1-b) y_n + b f(z_n).
-        fz, pull_z = eqx.filter_vjp(call, state_map(self._down, z_prev, z_like), fn, args)
-        y_prev = state_map(self._invert, y, fz)
-        ct = only_active(tree_cast_like(tree_scale(b, y_bar_next), z_like))
-        z_in_bar, *step_bar = pull_z(ct)
-        params_bar = accumulate(params_bar, tuple(step_bar))
-        z_bar_prev = tree_add(z_bar_prev, z_in_bar)
-        y_bar_prev = tree_scale(1 - b, y_bar_next)
-        new = (y_prev, z_prev, y_bar_prev, z_bar_prev)
+
+        def undo(at, x, x_bar, params_bar):
+            """Undoes `x_next = (1-b) x + b f(at)`: one VJP at `at` gives `f(at)` for the
+            reconstruction of `x` and the pullback of `x_bar` (the cotangent of `x_next`)
+            through `b f(at)`. Each evaluation's parameter cotangent is accumulated as it
+            arrives, in the order reverse-mode autodiff would: this matters for
+            low-precision (bfloat16) parameters.
+
+            **Returns:** `(x, the cotangent reaching at, params_bar)`.
+            """
+            f, pull = eqx.filter_vjp(call, state_map(self._down, at, z_like), fn, args)
+            x_prev = state_map(self._invert, x, f)
+            at_bar, *step_bar = pull(only_active(tree_cast_like(tree_scale(b, x_bar), z_like)))
+            return x_prev, at_bar, accumulate(params_bar, tuple(step_bar))
+
+        y, z, y_bar, z_bar = carry.y, carry.z, carry.y_bar, carry.z_bar
+        # z_{n+1} = (1-b) z_n + b f(y_{n+1}), then y_{n+1} = (1-b) y_n + b f(z_n).
+        z_prev, y_in_bar, params_bar = undo(y, z, z_bar, carry.params_bar)
+        y_bar = tree_add(y_bar, y_in_bar)
+        y_prev, z_in_bar, params_bar = undo(z_prev, y, y_bar, params_bar)
+        z_bar_prev = tree_add(tree_scale(1 - b, z_bar), z_in_bar)
+        new = (y_prev, z_prev, tree_scale(1 - b, y_bar), z_bar_prev)
         if batch is not None:  # finished examples stay where they are
-            new = batch.select(new, (y, z, y_bar, z_bar))
-        return *new, params_bar
+            new = batch.select(new, (carry.y, carry.z, carry.y_bar, carry.z_bar))
+        return ReverseCarry(*new, params_bar)
 
 
 def _call(z, fn, args):
