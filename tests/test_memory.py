@@ -45,30 +45,41 @@ def test_reversible_memory_flat_unrolled_grows(getkey):
     assert rev64 < unr64 / 4
 
 
-def test_batched_fn_avoids_per_example_parameter_cotangents(getkey):
-    """`vmap` over the solve makes the custom VJP's backward loop carry one parameter
-    cotangent per example; solving once with a batched `fn` sums them inside each VJP.
-    Same gradient, and the batch x params accumulator is gone from compiled memory."""
+def test_vmapped_solve_does_not_carry_per_example_parameter_cotangents(getkey):
+    """Letting `vmap` batch the reversible backward loop (`vmap_backward="per_example"`)
+    makes it carry one parameter cotangent per example; the default batch rule, like one
+    solve with a batched `fn`, sums them inside each VJP. Same gradient, and the
+    batch x params accumulator is gone from compiled memory."""
     block, x = make_block("attention", key=getkey(), dtype=jnp.float32)
     params, static = eqx.partition(block, eqx.is_inexact_array)
     xs = x[None] * jnp.arange(1.0, 33.0)[:, None, None]  # batch of 32
 
-    def per_example(p, xs):
-        layer = eqx.combine(p, static)
-        one = lambda x: rdeq.fixed_point(layer, jnp.zeros_like(x), x, max_steps=8, tol=0.0)
-        return jnp.sum(jax.vmap(one)(xs).value ** 2)
+    def vmapped(rule):
+        def loss(p, xs):
+            layer = eqx.combine(p, static)
+            adjoint = rdeq.ReversibleAdjoint(vmap_backward=rule)
+            one = lambda x: rdeq.fixed_point(
+                layer, jnp.zeros_like(x), x, adjoint=adjoint, max_steps=8, tol=0.0
+            )
+            return jnp.sum(jax.vmap(one)(xs).value ** 2)
+
+        return loss
 
     def batched(p, xs):
         layer = eqx.filter_vmap(eqx.combine(p, static))
         sol = rdeq.fixed_point(layer, jnp.zeros_like(xs), xs, max_steps=8, tol=0.0)
         return jnp.sum(sol.value**2)
 
-    g_per, g_bat = (jax.jit(jax.grad(f))(params, xs) for f in (per_example, batched))
-    assert tree_rel_error(g_bat, g_per) <= 1e-5
-    mem = {
-        f.__name__: jax.jit(jax.grad(f)).lower(params, xs).compile().memory_analysis()
-        for f in (per_example, batched)
+    losses = {"per_example": vmapped("per_example"), "batch": vmapped("batch"), "fn": batched}
+    grads = {k: jax.jit(jax.grad(f))(params, xs) for k, f in losses.items()}
+    assert tree_rel_error(grads["batch"], grads["per_example"]) <= 1e-5
+    assert tree_rel_error(grads["fn"], grads["per_example"]) <= 1e-5
+    temp = {
+        k: jax.jit(jax.grad(f)).lower(params, xs).compile().memory_analysis().temp_size_in_bytes
+        for k, f in losses.items()
     }
     param_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
-    saved = mem["per_example"].temp_size_in_bytes - mem["batched"].temp_size_in_bytes
-    assert saved >= 32 * param_bytes, (saved, param_bytes)
+    # The per-example rule holds (at least) 32 parameter cotangents more...
+    assert temp["per_example"] - temp["fn"] >= 32 * param_bytes, (temp, param_bytes)
+    # ...the batch rule less than one more than the batched `fn` (measured: a few KB).
+    assert temp["batch"] - temp["fn"] < param_bytes, (temp, param_bytes)
