@@ -10,7 +10,6 @@ import math
 import pytest
 
 from experiments.common import reproduce as rep
-
 from tests.experiments.test_language import needs_data, WIKITEXT
 
 
