@@ -1,6 +1,7 @@
 # revdeq_jax: every target installs what it needs into .venv on first use.
 #   make test            fast test suite (what CI runs)
 #   make train-wikitext  the main job: RevDEQ transformer LM on WikiText
+#   make reproduce-wikitext / reproduce-cifar   the paper's orderings at CPU scale (~90 min each)
 #   make docs            build the documentation site into site/ (make docs-serve: preview)
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -9,6 +10,10 @@ STAMP   := $(VENV)/.installed
 CONFIG  ?= small
 DATA_DIR ?=
 RUNS    ?= runs
+# reproduce-*: the whole comparison's wall-clock in minutes, seeds, and where runs go; run the
+# target again to continue an interrupted comparison (finished runs are skipped)
+BUDGET_MIN ?= 90
+SEEDS   ?= 0,1
 # e.g. TRAIN_FLAGS=--resume (continue the run) or TRAIN_FLAGS=--overwrite (start it over)
 TRAIN_FLAGS ?=
 DATA_FLAG := $(if $(DATA_DIR),--data-dir=$(DATA_DIR),)
@@ -18,12 +23,14 @@ LM_DATA := $(or $(DATA_DIR),$(wildcard ../shared/data/wikitext-2-raw))
 LM_DATA_FLAG := $(if $(LM_DATA),--data-dir=$(LM_DATA),)
 
 .PHONY: help install test test-slow test-all lint format bench smoke docs docs-serve dist \
-        train-wikitext eval-wikitext compare-wikitext train-cifar eval-cifar compare-cifar clean
+        train-wikitext eval-wikitext compare-wikitext train-cifar eval-cifar compare-cifar clean \
+        reproduce-wikitext reproduce-cifar
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
 	@echo "Targets: install test test-slow test-all lint format bench smoke docs docs-serve dist"
 	@echo "         train-wikitext eval-wikitext compare-wikitext train-cifar eval-cifar compare-cifar"
+	@echo "         reproduce-wikitext reproduce-cifar (BUDGET_MIN=$(BUDGET_MIN) SEEDS=$(SEEDS))"
 	@echo "Variables: CONFIG=$(CONFIG) DATA_DIR=<dir> RUNS=$(RUNS) TRAIN_FLAGS=--resume|--overwrite"
 
 $(STAMP): pyproject.toml
@@ -82,6 +89,10 @@ eval-wikitext: $(STAMP)
 compare-wikitext: $(STAMP)
 	$(PY) -m experiments.language.compare $(LM_DATA_FLAG)
 
+reproduce-wikitext: $(STAMP)
+	$(PY) -m experiments.language.compare --config=repro $(LM_DATA_FLAG) --budget_min=$(BUDGET_MIN) \
+		--seeds=$(SEEDS) --runs=$(RUNS)/reproduce-wikitext --out=experiments/language/results
+
 train-cifar: $(STAMP)
 	$(PY) -m experiments.vision.train --config=$(CONFIG) $(DATA_FLAG) --workdir=$(RUNS)/cifar-$(CONFIG) $(TRAIN_FLAGS)
 
@@ -90,6 +101,10 @@ eval-cifar: $(STAMP)
 
 compare-cifar: $(STAMP)
 	$(PY) -m experiments.vision.compare $(DATA_FLAG)
+
+reproduce-cifar: $(STAMP)
+	$(PY) -m experiments.vision.compare --base=repro $(DATA_FLAG) --budget-min=$(BUDGET_MIN) \
+		--seeds=$(SEEDS) --workdir=$(RUNS)/reproduce-cifar
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache site dist

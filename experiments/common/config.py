@@ -216,6 +216,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "grad_clip": (_nonnegative, "must be >= 0 (0 turns clipping off), e.g. 1.0"),
     "warmup_steps": (_nonnegative, "must be >= 0"),
     "train_steps": (_positive, "must be >= 1"),
+    "epochs": (_nonnegative, "must be >= 0 (0: train_steps decides), e.g. 40"),
     "batch_size": (_positive, "must be >= 1"),
     "eval_batch_size": (_positive, "must be >= 1"),
     "jac_reg": (

@@ -1,31 +1,41 @@
-"""RevDEQ vs DEQ with implicit gradients vs an explicit transformer, and a RevDEQ NFE sweep, on `small`.
+"""The paper's Tables 1-2 at CPU scale: RevDEQ at 2-12 NFE vs DEQ-IFT vs an explicit
+transformer, several seeds, each run resumable (`make reproduce-wikitext`).
 
-    python -m experiments.language.compare --data-dir=../shared/data/wikitext-2-raw
-    python -m experiments.language.compare --data-dir=... --budget_s=120 --variants=revdeq,deq-ift,explicit
+    python -m experiments.language.compare --config=repro --data-dir=../shared/data/wikitext-2-raw \
+        --budget_min=90 --seeds=0,1 --runs=runs/reproduce-wikitext
+    python -m experiments.language.compare --config=tiny --train_steps=4 --variants=nfe-8,explicit
 
-The small-scale analogue of the paper's Tables 1 and 2. Every variant starts from the `small`
-config (plus any `--key=value` config overrides given here) and gets the SAME wall-clock training
-budget (`--budget_s` seconds, compilation and evaluation excluded): its step time is measured
-first on real batches, and `train_steps` is set to `budget_s / step_time`, so that its cosine
-schedule ends when the budget does. Variants:
+Every variant starts from the `--config` base (plus any `--key=value` config overrides) and is
+trained for the SAME number of optimiser steps, once per seed, in `<runs>/<variant>-seed<k>/`.
+The step count is the plan (`<runs>/plan.json`): `--train_steps=N`, or from `--budget_min`
+(the whole comparison's wall-clock): every variant's step is compiled and timed on real
+batches first, then `steps_for_budget` fills the budget (a quarter kept for compilation and
+evaluation). Invoking it again continues: finished runs (with `results.json`) are skipped,
+partial ones resumed from their checkpoint (`train --resume`), the plan is reused. Variants:
 
-    revdeq      Reversible(beta) + ReversibleAdjoint, 4 steps (paper: 8 NFE)
+    nfe-K       RevDEQ: Reversible(beta) + ReversibleAdjoint, K/2 reversible steps (paper's count
+                K = 2 per step), K in {2, 4, 6, 8, 12}; nfe-8 is the paper's model (Table 1)
     deq-ift     Anderson (8 steps) forward + ImplicitAdjoint backward (classic DEQ), with the
                 Jacobian regularisation of Bai et al. 2021 (`jac_reg`, configs.DEQ_IFT_JAC_REG)
+    deq-jfb     Anderson (8 steps) forward + PhantomAdjoint backward (Jacobian-free / phantom
+                gradient, Geng et al. 2021): the cheap approximate-gradient DEQ
     explicit    explicit transformer, 4 distinct layers, width chosen to match RevDEQ's parameters
-    nfe-K       RevDEQ with K/2 reversible steps, K in {2, 4, 6, 12} (8 is `revdeq`)
 
-Written to `--out` (default `experiments/language/results/`): `compare.md` (table: parameters,
-NFE, tokens/s, compiled memory of the train step, best validation perplexity), `compare.json`,
-and `ppl_vs_time.png` (validation perplexity against training wall-clock). Runs (checkpoints,
-metrics) go to `--runs` (default `runs/compare/`).
+The RevDEQ trained at the largest NFE is also evaluated at every smaller step budget with ONE
+compiled evaluation step (`evaluate.nfe_sweep`): perplexity vs test-time NFE beside perplexity
+vs training NFE (Table 2).
+
+Written to `--out` (default `experiments/language/results/`): `compare.md` (two tables: at
+matched optimiser steps, and at matched wall-clock, i.e. the best validation perplexity each
+variant reached within the training time of the fastest one; mean and min-max over seeds),
+`compare.json` (every run, with the library's NFE count), `ppl_vs_nfe.png` (Table 2 analogue)
+and `ppl_vs_time.png` (validation perplexity against training wall-clock).
 
 NFE: the library's `Solution.nfe` counts every call of the layer, including the initial `f(z0)`
 that the reversible solver evaluates before its first step, so `max_steps=N` reports `2N + 1`;
-the paper counts `2N`. Both are in the table. Peak memory is XLA's compile-time
-`memory_analysis()` of the jitted train step (arguments + outputs + temporaries - aliased),
-not a measured resident set size; the temporaries column is the part that depends on the model's
-activations and the gradient strategy.
+the paper counts `2N`, which is the table's count; the JSON has both. Memory is XLA's
+compile-time `memory_analysis()` of the jitted train step (arguments + outputs + temporaries -
+aliased), not a measured resident set size.
 """
 
 from __future__ import annotations
@@ -33,63 +43,51 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import sys
-import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import config as cfg
+from experiments.common import config as cfg, reproduce as rep
 from experiments.common.metrics import read_metrics
 from experiments.common.plotting import plot_series
+from experiments.common.reproduce import training_seconds  # noqa: F401 - re-exported
 
-from . import data, train
+from . import data, evaluate, train
 from .configs import Config, CONFIGS, DEQ_IFT_JAC_REG
 from .model import make_model
 
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+NFES = (2, 4, 6, 8, 12)  # the paper's Table 2 (it also has 10)
+DEFAULT_VARIANTS = (*(f"nfe-{k}" for k in NFES), "deq-ift", "deq-jfb", "explicit")
 
 
 def variants(base: Config) -> dict[str, tuple[str, Config]]:
     """name -> (label, config) for every variant of the comparison."""
+    revdeq = dataclasses.replace(base, model="deq", solver="reversible", adjoint="reversible")
     out = {
-        "revdeq": (
-            f"RevDEQ ({base.max_steps} rev. steps)",
-            dataclasses.replace(base, model="deq"),
-        ),
-        "deq-ift": (
-            "DEQ-IFT (Anderson + implicit)",
-            dataclasses.replace(
-                base,
-                model="deq",
-                solver="anderson",
-                adjoint="implicit",
-                max_steps=8,
-                jac_reg=DEQ_IFT_JAC_REG,
-            ),
-        ),
+        f"nfe-{k}": (f"RevDEQ ({k} NFE)", dataclasses.replace(revdeq, max_steps=k // 2))
+        for k in NFES
     }
-    explicit = dataclasses.replace(base, model="explicit", num_layers=4)
+    anderson = dataclasses.replace(base, model="deq", solver="anderson", max_steps=8)
+    out["deq-ift"] = (
+        "DEQ-IFT (Anderson + implicit, Jacobian reg.)",
+        dataclasses.replace(anderson, adjoint="implicit", jac_reg=DEQ_IFT_JAC_REG),
+    )
+    out["deq-jfb"] = (
+        "DEQ-JFB (Anderson + phantom gradient)",
+        dataclasses.replace(anderson, adjoint="phantom"),
+    )
+    explicit = dataclasses.replace(base, model="explicit", num_layers=4, jac_reg=0.0)
     explicit = dataclasses.replace(
-        explicit, dim=matched_dim(explicit, count_params_of(out["revdeq"][1]))
+        explicit, dim=matched_dim(explicit, count_params_of(out["nfe-8"][1]))
     )
-    out["explicit"] = (
-        f"Explicit ({explicit.num_layers} layers, d={explicit.dim})",
-        explicit,
-    )
-    for nfe in (2, 4, 6, 12):
-        cfg = dataclasses.replace(
-            base,
-            model="deq",
-            solver="reversible",
-            adjoint="reversible",
-            max_steps=nfe // 2,
-        )
-        out[f"nfe-{nfe}"] = (f"RevDEQ ({nfe // 2} rev. steps)", cfg)
+    out["explicit"] = (f"Explicit ({explicit.num_layers} layers, d={explicit.dim})", explicit)
     return out
 
 
@@ -115,196 +113,252 @@ def matched_dim(config: Config, target: int) -> int:
     return best[0]
 
 
-def profile_step(config: Config, splits: data.TokenSplits, *, steps: int = 3) -> dict:
-    """Seconds per train step (after compilation, on real batches) and XLA's compiled memory."""
-    state, step = train.init_state(config), train.make_train_step(config)
+def profile(config: Config, splits: data.TokenSplits) -> dict:
+    """Compile time, seconds per train step (real batches) and compiled memory of `config`."""
 
-    def batch(i):
+    def batch(i: int):
         return data.get_batch(
-            splits.train,
-            i,
-            batch_size=config.batch_size,
-            seq_len=config.seq_len,
-            seed=config.seed,
+            splits.train, i, batch_size=config.batch_size, seq_len=config.seq_len, seed=0
         )
 
-    key = jax.random.key(0)
-    compiled = step.lower(state, batch(0), key).compile()  # equinox's wrapper of jax's Compiled
-    memory = compiled.compiled.memory_analysis()
-    state, metrics = compiled(state, batch(0), key)  # warm-up
-    jax.block_until_ready(metrics)
-    t0 = time.perf_counter()
-    for i in range(1, steps + 1):
-        state, metrics = compiled(state, batch(i), jax.random.fold_in(key, i))
-    jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - t0) / steps
-    mem = {}
-    if memory is not None:
-        mem = {
-            "temp_bytes": int(memory.temp_size_in_bytes),
-            "peak_bytes": int(
-                memory.argument_size_in_bytes
-                + memory.output_size_in_bytes
-                + memory.temp_size_in_bytes
-                - memory.alias_size_in_bytes
-            ),
-        }
-    return {"seconds_per_step": seconds, **mem}
+    return rep.profile_step(train.make_train_step(config), train.init_state(config), batch)
 
 
-def training_seconds(records: list[dict]) -> dict[int, float]:
-    """Cumulative training wall-clock at each logged step, from the train records' `ms_per_step`
-    (steps before the first measurement, i.e. compilation, are charged at the first measured rate)."""
-    train_records = sorted((r for r in records if r["split"] == "train"), key=lambda r: r["step"])
-    rates = [r.get("ms_per_step") for r in train_records]
-    first = next((v for v in rates if v is not None), 0.0)
-    elapsed, previous, out, rate = 0.0, 0, {0: 0.0}, first
-    for r, ms in zip(train_records, rates):
-        rate = ms if ms is not None else rate
-        elapsed += rate * (r["step"] - previous) / 1e3
-        previous = r["step"]
-        out[r["step"]] = elapsed
-    return out
-
-
-def run_variant(
-    name: str,
-    label: str,
-    config: Config,
-    splits,
-    *,
-    budget_s: float,
-    runs: pathlib.Path,
-) -> dict:
-    print(f"\n=== {name}: {label}")
-    profile = profile_step(config, splits)
-    total = max(10, int(budget_s / profile["seconds_per_step"]))
-    config = dataclasses.replace(
+def schedule(config: Config, train_steps: int, seed: int) -> Config:
+    """`config` for one run of the plan: its length, seed, and ~6 validations (the curves)."""
+    log = max(1, min(config.log_every, train_steps // 20))
+    evals = log * max(1, round(train_steps / 6 / log))  # logged steps: timed (the curves' x)
+    return dataclasses.replace(
         config,
-        train_steps=total,
-        warmup_steps=min(config.warmup_steps, total // 10),
-        log_every=max(1, total // 50),
-        eval_every=max(1, total // 4),
-        checkpoint_every=total,
+        seed=seed,
+        train_steps=train_steps,
+        epochs=0.0,
+        warmup_steps=min(config.warmup_steps, train_steps // 10),
+        log_every=log,
+        eval_every=evals,
+        checkpoint_every=evals,
     )
-    print(
-        f"{profile['seconds_per_step']:.2f} s/step -> {total} steps in the {budget_s:.0f}s budget"
-    )
-    results = train.train(config, runs / name, name=name, overwrite=True, final_test=False)
-    records = read_metrics(runs / name / "metrics.jsonl")
-    seconds = training_seconds(records)
-    val = sorted((r for r in records if r["split"] == "val"), key=lambda r: r["step"])
+
+
+def run_one(name: str, config: Config, workdir: pathlib.Path, sweep: tuple[int, ...]) -> dict:
+    """Train (or resume, or skip when finished) one run; its row of the JSON."""
+    status = rep.run_status(workdir)
+    print(f"\n=== {workdir.name}: {status}", flush=True)
+    if status != "done":
+        train.train(config, workdir, name=name, resume=status == "partial")
+    results = json.loads((workdir / "results.json").read_text())
+    if sweep and "sweep" not in results:  # test perplexity at each smaller step budget
+        best = workdir / ("best.eqx" if (workdir / "best.eqx").is_file() else "latest.eqx")
+        rows = evaluate.evaluate_checkpoint(
+            best, split="test", max_tokens=config.test_tokens, sweep_steps=sweep,
+            data_dir=config.data_dir, cache_dir=config.cache_dir,
+        )["sweep"]  # fmt: skip
+        results["sweep"] = [
+            {"paper_nfe": 2 * r["max_steps"], "nfe": r["nfe"], "test_ppl": r["ppl"]} for r in rows
+        ]
+        (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    records = read_metrics(workdir / "metrics.jsonl")
     rates = [r["tokens_per_s"] for r in records if r["split"] == "train" and "tokens_per_s" in r]
+    seconds = training_seconds(records)
+    deq = config.model == "deq"
     return {
-        "name": name,
-        "label": label,
-        "config": cfg.to_dict(config),
+        "seed": config.seed,
         "params": results["params"],
-        "steps": total,
-        "nfe": results["val"].get(
-            "nfe", float(config.num_layers if config.model == "explicit" else "nan")
-        ),
-        "paper_nfe": 2 * config.max_steps
-        if config.solver == "reversible" and config.model == "deq"
-        else None,
-        "residual": results["val"].get("residual"),
+        "steps": config.train_steps,
+        "train_seconds": seconds[max(seconds)],
         "tokens_per_s": float(np.median(rates)) if rates else None,
-        **profile,
+        # the library's count (with the initial f(z0)) and the paper's (2 per reversible step)
+        "nfe": results["val"].get("nfe", config.num_layers if not deq else None),
+        "paper_nfe": 2 * config.max_steps if deq and config.solver == "reversible" else None,
+        "residual": results["val"].get("residual"),
         "val_ppl": results["val"]["ppl"],
-        "curve": [(seconds.get(r["step"], float("nan")), r["ppl"]) for r in val],
+        "test_ppl": (results["test"] or {}).get("ppl"),
+        "curve": rep.val_curve(records, "ppl"),
+        "sweep": results.get("sweep", []),
     }
 
 
-def _mib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:,.0f}"
+def summarise(rows: dict[str, dict], seconds: float) -> None:
+    """Add the seed spreads, and the matched-wall-clock view at `seconds`, to every row."""
+    for row in rows.values():
+        runs = row["runs"]
+        at = [rep.at_time(r["curve"], seconds, min) for r in runs]
+        row |= {
+            key: rep.spread([r[key] for r in runs])
+            for key in ("val_ppl", "test_ppl", "train_seconds", "tokens_per_s", "nfe")
+        }
+        row["at_matched_time"] = {
+            "val_ppl": rep.spread([a[1] if a else None for a in at]),
+            "steps": rep.spread([a[0] if a else None for a in at]),
+        }
 
 
-def write_table(
-    rows: list[dict],
-    unigram: dict,
-    out: pathlib.Path,
-    budget_s: float,
-    description: str,
+def _nfe(row: dict) -> str:
+    """The paper's count for RevDEQ; the mean evaluations of the layer for the DEQ baselines
+    (their solver stops on the tolerance: no fixed count)."""
+    paper = row["runs"][0]["paper_nfe"]
+    return str(paper) if paper is not None else rep.fmt_spread(row["nfe"], ".1f")
+
+
+def write_report(
+    rows: dict[str, dict], out: pathlib.Path, plan: dict, unigram: dict, description: str
 ) -> str:
-    lines = [
-        "# WikiText: RevDEQ vs DEQ-IFT vs explicit transformer (`small`, equal wall-clock)",
+    """`compare.md`, `compare.json`, `ppl_vs_nfe.png`, `ppl_vs_time.png` into `out`."""
+    seconds = min(
+        float(np.mean([run["train_seconds"] for run in r["runs"]])) for r in rows.values()
+    )
+    summarise(rows, seconds)
+    seeds = sorted({run["seed"] for r in rows.values() for run in r["runs"]})
+    steps_table = rep.markdown_table(
+        ["model", "params", "NFE (paper)", "steps", "train wall-clock (s)", "tokens/s",
+         "train-step memory (MiB)", "val perplexity", "test perplexity"],
+        [
+            [
+                r["label"], f"{r['runs'][0]['params']:,}",
+                _nfe(r) if r["config"]["model"] == "deq"
+                else f"{r['config']['num_layers']} layers",
+                str(r["runs"][0]["steps"]), rep.fmt_spread(r["train_seconds"], ".1f"),
+                rep.fmt_spread(r["tokens_per_s"], ",.0f"), rep.mib(r["profile"].get("peak_bytes")),
+                rep.fmt_spread(r["val_ppl"], ".1f"), rep.fmt_spread(r["test_ppl"], ".1f"),
+            ]
+            for r in rows.values()
+        ],
+    )  # fmt: skip
+    time_table = rep.markdown_table(
+        ["model", "steps reached", f"val perplexity within {seconds:.0f} s"],
+        [
+            [r["label"], rep.fmt_spread(r["at_matched_time"]["steps"], ".0f"),
+             rep.fmt_spread(r["at_matched_time"]["val_ppl"], ".1f")]
+            for r in rows.values()
+        ],
+    )  # fmt: skip
+    text = "\n".join([
+        "# WikiText: RevDEQ at 2-12 NFE vs DEQ-IFT vs explicit transformer",
         "",
-        f"Data: {description}. Each model trained for {budget_s:.0f}s of wall-clock (compilation and",
-        "evaluation excluded) on a shared 2-core CPU; validation perplexity of the best checkpoint on",
-        f"the held-out validation tokens. Unigram baseline on the same tokens: {unigram['fitted']:.1f}",
-        f"(fitted on train, add-one), {unigram['oracle']:.1f} (oracle: the split's own frequencies).",
+        f"Data: {description}. Unigram baseline on the validation tokens: "
+        f"{unigram['fitted']:.1f} (fitted on train, add-one), {unigram['oracle']:.1f} (oracle).",
+        f"Plan: {plan['train_steps']} optimiser steps per run, seeds {seeds}; values are the mean"
+        " (min-max) over seeds, perplexity of the best validation checkpoint.",
         "",
-        "| model | params | NFE (library / paper) | final residual | steps | tokens/s | "
-        "train-step memory, MiB (peak / temporaries) | val perplexity |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        nfe = f"{r['nfe']:.1f}" + (f" / {r['paper_nfe']}" if r["paper_nfe"] is not None else "")
-        residual = "-" if r["residual"] is None else f"{r['residual']:.2e}"
-        rate = "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
-        lines.append(
-            f"| {r['label']} | {r['params']:,} | {nfe} | {residual} | {r['steps']} | {rate} | "
-            f"{_mib(r.get('peak_bytes'))} / {_mib(r.get('temp_bytes'))} | {r['val_ppl']:.1f} |"
-        )
-    lines += [
+        "## At matched optimiser steps",
         "",
-        "NFE: forward evaluations of the layer per sequence at evaluation (library count includes",
-        "the initial f(z0); the paper counts 2 per reversible step). Memory: XLA compile-time",
-        "`memory_analysis()` of the whole jitted train step. tokens/s: median over logged windows.",
+        steps_table,
         "",
-    ]
-    text = "\n".join(lines)
+        "## At matched wall-clock",
+        "",
+        f"Best validation perplexity reached within {seconds:.0f} s of training, the mean training"
+        " time of the fastest model: slower models are caught mid-schedule (learning rate not yet"
+        " decayed), which this view charges to them.",
+        "",
+        time_table,
+        "",
+        "NFE: RevDEQ, the paper's count, 2 per reversible step (`compare.json` also has the"
+        " library's, which adds the initial f(z0)); DEQ baselines, the mean evaluations of the"
+        " layer at validation (Anderson stops on the tolerance)."
+        " Memory: XLA's compile-time `memory_analysis()` of the whole jitted train step."
+        " tokens/s: median over logged windows, compilation excluded, on a shared machine.",
+        "",
+    ])  # fmt: skip
     (out / "compare.md").write_text(text)
+    (out / "compare.json").write_text(
+        json.dumps({"plan": plan, "unigram_val": unigram, "rows": rows}, indent=2) + "\n"
+    )
+    revdeq = {k: r for k, r in rows.items() if r["runs"][0]["paper_nfe"] is not None}
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    if revdeq:
+        points = sorted((r["runs"][0]["paper_nfe"], r["test_ppl"]) for r in revdeq.values())
+        series["RevDEQ, trained at each NFE"] = (
+            [float(n) for n, _ in points], [s["mean"] if s else math.nan for _, s in points]
+        )  # fmt: skip
+        sweeps = [run["sweep"] for r in revdeq.values() for run in r["runs"] if run["sweep"]]
+        if sweeps:
+            nfes = [float(p["paper_nfe"]) for p in sweeps[0]]
+            means = [float(np.mean([sw[i]["test_ppl"] for sw in sweeps])) for i in range(len(nfes))]
+            series[f"RevDEQ {max(nfes):.0f} NFE, evaluated at fewer"] = (nfes, means)
+    for r in rows.values():
+        if r["config"]["model"] == "deq" and r["runs"][0]["paper_nfe"] is None and r["nfe"]:
+            series[r["label"]] = ([r["nfe"]["mean"]], [r["test_ppl"]["mean"]])
+    if series:
+        plot_series(
+            series, out / "ppl_vs_nfe.png", xlabel="NFE (RevDEQ: paper's count; DEQ: library's)",
+            ylabel="test perplexity", title="WikiText: perplexity vs NFE (Table 2 analogue)",
+            logy=True,
+        )  # fmt: skip
+    plot_series(
+        {
+            f"{r['label']} (seed {run['seed']})": ([t for _, t, _ in run["curve"]],
+                                                  [v for _, _, v in run["curve"]])
+            for r in rows.values() for run in r["runs"]
+        },
+        out / "ppl_vs_time.png", xlabel="training wall-clock (s)",
+        ylabel="validation perplexity", title="WikiText: perplexity vs wall-clock", logy=True,
+    )  # fmt: skip
     return text
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict]:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--budget_s", "--budget-s", type=float, default=300.0)
-    parser.add_argument("--variants", default="revdeq,deq-ift,explicit,nfe-2,nfe-4,nfe-6,nfe-12")
+    parser.add_argument("--budget_min", "--budget-min", type=float, default=90.0)
+    parser.add_argument("--train_steps", "--train-steps", type=int, default=0)
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     parser.add_argument("--out", default=str(RESULTS_DIR))
-    parser.add_argument("--runs", default="runs/compare")
+    parser.add_argument("--runs", default="runs/reproduce-wikitext")
     args, rest = parser.parse_known_args(argv)
-    try:  # --key=value overrides of the base config (`small` unless --config=NAME)
-        base = cfg.from_args(rest, CONFIGS, default="small")
-    except cfg.ConfigError as e:
+    try:  # --key=value overrides of the base config (`repro` unless --config=NAME)
+        base = cfg.from_args(rest, CONFIGS, default="repro")
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except (cfg.ConfigError, ValueError) as e:
         sys.exit(f"error: {e}")
     out, runs = pathlib.Path(args.out), pathlib.Path(args.runs)
-    out.mkdir(parents=True, exist_ok=True)
+    table = variants(base)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in table]
+    if unknown or not names or not seeds:
+        sys.exit(f"error: give seeds and variants, from {sorted(table)} (unknown: {unknown})")
     try:
         splits = data.splits_for(base)
     except data.DataError as e:
         sys.exit(f"error: {e}")
-    table = variants(base)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in table]
-    if unknown:
-        sys.exit(f"error: unknown variants {unknown}; choose from {sorted(table)}")
 
-    rows = []
+    def make_plan() -> dict:
+        profiles = {}
+        for name in names:
+            print(f"timing {name} ...", flush=True)
+            profiles[name] = profile(table[name][1], splits)
+        steps = args.train_steps or rep.steps_for_budget(
+            args.budget_min, [p["seconds_per_step"] for p in profiles.values()], len(seeds)
+        )
+        return {"train_steps": steps, "seeds": seeds, "variants": names, "profile": profiles}
+
+    budget = 0.0 if args.train_steps else args.budget_min
+    try:
+        plan = rep.load_plan(runs / rep.PLAN_FILE, budget, make_plan)
+    except rep.ReproduceError as e:
+        sys.exit(f"error: {e}")
+    print(f"plan: {plan['train_steps']} steps x {len(names)} variants x seeds {seeds}")
+    deq_steps = [table[n][1].max_steps for n in names if n.startswith("nfe-")]
+    rows: dict[str, dict] = {}
     for name in names:
         label, config = table[name]
-        rows.append(run_variant(name, label, config, splits, budget_s=args.budget_s, runs=runs))
-        # rewrite after every variant, so partial results survive an interruption
-        unigram = data.unigram_perplexity(splits.train, splits.val)
-        (out / "compare.json").write_text(
-            json.dumps(
-                {"budget_s": args.budget_s, "unigram_val": unigram, "rows": rows},
-                indent=2,
-            )
-            + "\n"
-        )
-        text = write_table(rows, unigram, out, args.budget_s, splits.description)
-        plot_series(
-            {r["label"]: ([t for t, _ in r["curve"]], [p for _, p in r["curve"]]) for r in rows},
-            out / "ppl_vs_time.png",
-            xlabel="training wall-clock (s)",
-            ylabel="validation perplexity",
-            title="WikiText-2 (small): perplexity vs wall-clock",
-            logy=True,
-        )
-    print("\n" + text)
+        sweep = tuple(range(1, config.max_steps + 1)) if deq_steps and (
+            name.startswith("nfe-") and config.max_steps == max(deq_steps) > 1
+        ) else ()  # fmt: skip
+        rows[name] = {
+            "label": label,
+            "config": cfg.to_dict(config),
+            "profile": plan["profile"].get(name) or profile(config, splits),
+            "runs": [
+                run_one(name, schedule(config, plan["train_steps"], seed),
+                        runs / f"{name}-seed{seed}", sweep)
+                for seed in seeds
+            ],
+        }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    unigram = data.unigram_perplexity(splits.train, splits.val)
+    print("\n" + write_report(rows, out, plan, unigram, splits.description))
+    return rows
 
 
 if __name__ == "__main__":

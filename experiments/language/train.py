@@ -22,6 +22,7 @@ Every field of `configs.Config` can be overridden with `--key=value` (`--help` l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import equinox as eqx
@@ -98,6 +99,11 @@ def train(
     parallel = DataParallel(config.batch_size, config.sharding)  # before data: fails fast
     splits = data.splits_for(config)
     print(f"{parallel.describe()}\ndata: {splits.description}")
+    if config.epochs > 0:  # a length in passes over the data (the paper's, Appendix B.1)
+        tokens_per_step = config.batch_size * config.seq_len
+        steps = math.ceil(config.epochs * len(splits.train) / tokens_per_step)
+        config = dataclasses.replace(config, train_steps=steps)
+        print(f"{config.epochs:g} epochs of {len(splits.train):,} tokens: {steps:,} steps")
     state = parallel.place_state(init_state(config))
     state, header = run.restore(state) if resume else (state, {})
     best_val, start = header.get("best_val", math.inf), int(state.step)

@@ -1,14 +1,19 @@
 """Compare RevDEQ (multi- and single-scale) with DEQ-IFT, an explicit ResNet-18 and an augmented
-Neural ODE on CIFAR-10, at a matched training budget.
+Neural ODE on CIFAR-10, at matched optimiser steps and at matched wall-clock, over seeds
+(`make reproduce-cifar`: Table 3's multi-scale small row at CPU scale).
 
-    python -m experiments.vision.compare                              # CPU-sized, all models
+    python -m experiments.vision.compare --budget-min=90 --seeds=0,1   # the `repro` base, ~90 min
     python -m experiments.vision.compare --train-steps=200 --models=revdeq-multiscale,resnet18
-    python -m experiments.vision.compare --base=paper-170k                   # full paper budget
+    python -m experiments.vision.compare --base=paper-170k --train-steps=0   # full paper budget
 
 Every model is trained by `experiments.vision.train` with the same data, batch size, optimiser,
-schedule and number of steps (the `--base` config, `small` by default) in
-`<workdir>/<model>/`; finished runs are reused (resumed, so nothing is retrained). Writes
-`results/compare.md`, `results/compare.json` and `results/compare_curves.png`.
+schedule and number of steps (the `--base` config, `repro` by default), once per seed, in
+`<workdir>/<model>-seed<k>/`. The step count is the plan (`<workdir>/plan.json`):
+`--train-steps=N` (0: the base config's), or from `--budget-min` (the whole comparison's
+wall-clock), after compiling and timing every model's step. Invoking it again continues:
+finished runs are skipped, partial ones resumed from their checkpoint, the plan is reused.
+Writes `results/compare.md` (both views; mean and min-max over seeds), `results/compare.json`
+and `results/compare_curves.png` (validation accuracy against training wall-clock).
 
 Columns: parameters; NFE (mean forward evaluations of the equilibrium functions per test image;
 "-" for explicit models); training throughput (images/s, median over log windows, compilation
@@ -28,13 +33,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import equinox as eqx
 import jax
-import jax.random as jr
 
-from experiments.common import config as cfg
+from experiments.common import config as cfg, reproduce as rep
 from experiments.common.metrics import read_metrics
+from experiments.common.optim import count_params
 from experiments.common.plotting import plot_series
-from experiments.common.run import Run
 
 from . import data as vdata
 from .configs import Config, CONFIGS, DEQ_IFT_JAC_REG
@@ -60,131 +65,175 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "resnet18": (
-        "ResNet-18 (explicit, width 8)",
-        {"model": "resnet18", "resnet_width": 8},
+        "ResNet-18 (explicit, width matched to RevDEQ's parameters)",
+        {"model": "resnet18"},  # resnet_width: matched_resnet_width(base)
     ),
     "anode": (
-        "Augmented Neural ODE (diffrax, Tsit5)",
+        "Augmented Neural ODE (diffrax, Tsit5, 2 steps)",
         {"model": "anode", "ode_hidden": 16, "ode_steps": 2},
     ),
 }
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 
 
+REPRODUCE = ("revdeq-multiscale", "deq-ift-multiscale", "resnet18", "anode")
+
+
 @dataclasses.dataclass(frozen=True)
 class CompareConfig:
-    base: str = "small"  # training setup shared by all models (a name in configs.CONFIGS)
-    models: tuple[str, ...] = tuple(MODELS)  # which entries of MODELS to run
-    train_steps: int = 0  # 0: the base config's
+    base: str = "repro"  # training setup shared by all models (a name in configs.CONFIGS)
+    models: tuple[str, ...] = REPRODUCE  # which entries of MODELS to run
+    seeds: tuple[int, ...] = (0, 1)  # one run per model and seed
+    train_steps: int = -1  # > 0: this many; 0: the base config's; -1: from budget_min
+    budget_min: float = 90.0  # wall-clock of the whole comparison (train_steps=-1)
     data_dir: str | None = None
-    workdir: str = "runs/cifar-compare"
+    workdir: str = "runs/reproduce-cifar"
     out: str = str(RESULTS_DIR)  # where compare.md/.json/.png go
 
 
-def model_config(base: Config, name: str, train_steps: int) -> Config:
+def matched_resnet_width(base: Config) -> int:
+    """The ResNet-18 base width whose parameter count is closest to the multi-scale RevDEQ's."""
+
+    def params(config: Config) -> int:
+        state = eqx.filter_eval_shape(init_state, config)
+        return count_params(state.model)
+
+    target = params(dataclasses.replace(base, model="implicit-resnet"))
+    widths = range(2, 65, 2)
+    counts = {
+        w: params(dataclasses.replace(base, model="resnet18", resnet_width=w)) for w in widths
+    }
+    return min(widths, key=lambda w: abs(counts[w] - target))
+
+
+def model_config(base: Config, name: str, train_steps: int, seed: int = 0) -> Config:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}.")
     changes = dict(MODELS[name][1])
+    if name == "resnet18":
+        changes["resnet_width"] = matched_resnet_width(base)
     if train_steps > 0:
-        changes["train_steps"] = train_steps
-    return dataclasses.replace(base, **changes)
+        evals = max(1, train_steps // 4)
+        changes |= {"train_steps": train_steps, "eval_every": evals, "checkpoint_every": evals}
+        changes["log_every"] = max(1, min(base.log_every, evals))
+    return dataclasses.replace(base, seed=seed, **changes)
 
 
-def compiled_memory(config: Config, dataset: vdata.CIFAR10) -> int | None:
-    """Bytes XLA reserves for one train step: arguments + outputs + temporaries - aliases."""
-    state, step = init_state(config), make_train_step(config)
-    batch = vdata.Batches(dataset.x_train, dataset.y_train, config.batch_size, 0).get(0)
-    try:
-        # Equinox's `Compiled` wraps JAX's as `.compiled`.
-        stats = step.lower(state, batch, jr.key(0)).compile().compiled.memory_analysis()
-    except Exception as e:  # noqa: BLE001 - some backends have no memory analysis
-        print(f"memory_analysis unavailable: {type(e).__name__}: {e}")
-        return None
-    if stats is None:
-        return None
-    return int(
-        stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
-        + stats.temp_size_in_bytes
-        - stats.alias_size_in_bytes
-    )
+def profile(config: Config, dataset: vdata.CIFAR10) -> dict:
+    """Compile time, seconds per train step (real batches) and compiled memory of `config`."""
+    batches = vdata.Batches(dataset.x_train, dataset.y_train, config.batch_size, 0)
+    return rep.profile_step(make_train_step(config), init_state(config), batches.get)
 
 
-def summarise(name: str, config: Config, workdir: pathlib.Path, memory: int | None) -> dict:
+def summarise(name: str, config: Config, workdir: pathlib.Path) -> dict:
+    """One run's row: parameters, NFE, throughput, accuracies, the validation curve."""
     records = read_metrics(workdir)
     train = [r for r in records if r["split"] == "train"]
-    val = [r for r in records if r["split"] == "val"]
-    if not val:
+    if not any(r["split"] == "val" for r in records):
         raise RuntimeError(f"{workdir} has no evaluation records; did the run finish?")
     rates = [r["images_per_s"] for r in train if "images_per_s" in r]
     results = json.loads((workdir / "results.json").read_text())
+    seconds = rep.training_seconds(records)
     return {
-        "name": name,
-        "label": MODELS[name][0],
+        "seed": config.seed,
         "params": results["params"],
-        "nfe": results["test"].get("nfe"),
+        "nfe": results["test"].get("nfe"),  # the library's count (with the initial f(z0))
         "images_per_s": statistics.median(rates) if rates else None,
-        "train_step_memory_mb": None if memory is None else memory / 2**20,
+        "train_seconds": seconds[max(seconds)],
+        "val_acc": results["val"]["acc"],
         "test_acc": results["test"]["acc"],
         "test_loss": results["test"]["loss"],
-        "steps": val[-1]["step"],
-        "curve": [(r["step"], r["acc"]) for r in val],
-        "train_loss": [(r["step"], r["loss"]) for r in train],
+        "steps": max(r["step"] for r in train),
+        "curve": rep.val_curve(records, "acc"),
     }
 
 
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+def paper_nfe(config: Config) -> int | None:
+    """The paper's count for a reversible multi-scale model: 2 per step, summed over the
+    scales (Table 3 counts the solver steps' evaluations)."""
+    if config.model == "implicit-resnet" and config.solver == "reversible":
+        return 2 * sum(config.max_steps)
+    return None
 
 
 def write_report(
-    rows: list[dict], options: CompareConfig, base: Config, n_test: int
+    rows: dict[str, dict], options: CompareConfig, plan: dict, n_test: int
 ) -> pathlib.Path:
     out = pathlib.Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = rows[0]["steps"] if rows else 0
+    seconds = min(
+        statistics.fmean(run["train_seconds"] for run in r["runs"]) for r in rows.values()
+    )
+    for r in rows.values():
+        at = [rep.at_time(run["curve"], seconds, max) for run in r["runs"]]
+        r |= {
+            k: rep.spread([run[k] for run in r["runs"]])
+            for k in ("val_acc", "test_acc", "images_per_s", "train_seconds", "nfe")
+        }
+        r["at_matched_time"] = {
+            "val_acc": rep.spread([a[1] if a else None for a in at]),
+            "steps": rep.spread([a[0] if a else None for a in at]),
+        }
+    base = CONFIGS[options.base]
+    steps_table = rep.markdown_table(
+        ["model", "params", "NFE", "steps", "train wall-clock (s)", "images/s",
+         "train-step memory (MiB)", "val acc (%)", "test acc (%)"],
+        [[r["label"], f"{r['runs'][0]['params']:,}",
+          str(r["paper_nfe"]) if r["paper_nfe"] else rep.fmt_spread(r["nfe"], ".1f"),
+          str(plan["train_steps"]), rep.fmt_spread(r["train_seconds"], ".1f"),
+          rep.fmt_spread(r["images_per_s"], ".1f"), rep.mib(r["profile"].get("peak_bytes")),
+          rep.fmt_spread(r["val_acc"], ".1f", 100), rep.fmt_spread(r["test_acc"], ".1f", 100)]
+         for r in rows.values()],
+    )  # fmt: skip
+    time_table = rep.markdown_table(
+        ["model", "steps reached", f"val acc within {seconds:.0f} s (%)"],
+        [[r["label"], rep.fmt_spread(r["at_matched_time"]["steps"], ".0f"),
+          rep.fmt_spread(r["at_matched_time"]["val_acc"], ".1f", 100)] for r in rows.values()],
+    )  # fmt: skip
     lines = [
-        "# CIFAR-10: RevDEQ vs baselines at a matched training budget",
+        "# CIFAR-10: RevDEQ vs baselines at matched steps and at matched wall-clock",
         "",
-        f"Base config `{options.base}`: {steps} steps of batch {base.batch_size} "
-        f"({steps * base.batch_size:,} images), schedule {base.schedule}, lr {base.lr}, "
-        f"augmentation {'on' if base.augment else 'off'}; test accuracy on {n_test} test images. "
-        f"Device: {jax.devices()[0].device_kind} ({jax.default_backend()}).",
+        f"Base config `{options.base}`: {plan['train_steps']} steps of batch {base.batch_size}, "
+        f"schedule {base.schedule}, lr {base.lr}, augmentation {'on' if base.augment else 'off'}; "
+        f"seeds {list(options.seeds)}, mean (min-max) over seeds; test accuracy of the best "
+        f"validation checkpoint on {n_test} test images. Device: "
+        f"{jax.devices()[0].device_kind} ({jax.default_backend()}).",
         "",
-        "| model | params | NFE | images/s (train) | train-step memory (MB, compiled) | test acc (%) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['label']} | {r['params']:,} | {_fmt(r['nfe'], '.1f')} | "
-            f"{_fmt(r['images_per_s'], '.1f')} | {_fmt(r['train_step_memory_mb'], '.1f')} | "
-            f"{100 * r['test_acc']:.1f} |"
-        )
-    lines += [
+        "## At matched optimiser steps",
         "",
-        "NFE: mean evaluations of the equilibrium function (all scales summed; for the ODE, "
-        "vector-field evaluations) per test image. Memory: XLA `memory_analysis()` of the compiled "
-        "train step (arguments + outputs + temporaries - aliased), not a measured peak. "
-        "Throughput: median over log windows, compilation excluded, on a shared machine.",
+        steps_table,
+        "",
+        "## At matched wall-clock",
+        "",
+        f"Best validation accuracy reached within {seconds:.0f} s of training (the fastest "
+        "model's mean training time); slower models are caught mid-run.",
+        "",
+        time_table,
+        "",
+        "NFE: RevDEQ, the paper's count (2 per reversible step, summed over the scales; "
+        "`compare.json` has the library's, which adds each block's initial f(z0)); other DEQs "
+        "and the ODE, the mean evaluations per test image; '-' for explicit models. Memory: "
+        "XLA `memory_analysis()` of the compiled train step (arguments + outputs + temporaries "
+        "- aliased), not a measured peak. Throughput: median over log windows, compilation "
+        "excluded, on a shared machine.",
         "",
     ]
     md = out / "compare.md"
     md.write_text("\n".join(lines))
-    (out / "compare.json").write_text(
-        json.dumps([{k: v for k, v in r.items() if k != "train_loss"} for r in rows], indent=2)
-    )
-    series = {r["label"]: tuple(map(list, zip(*r["curve"]))) for r in rows if r["curve"]}
+    (out / "compare.json").write_text(json.dumps({"plan": plan, "rows": rows}, indent=2) + "\n")
+    series = {
+        f"{r['label']} (seed {run['seed']})": ([t for _, t, _ in run["curve"]],
+                                              [v for _, _, v in run["curve"]])
+        for r in rows.values() for run in r["runs"] if run["curve"]
+    }  # fmt: skip
     plot_series(
-        series,  # pyright: ignore[reportArgumentType]
-        out / "compare_curves.png",
-        xlabel="step",
-        ylabel="test accuracy",
-        title=f"CIFAR-10 test accuracy ({options.base} budget)",
-    )
+        series, out / "compare_curves.png", xlabel="training wall-clock (s)",
+        ylabel="validation accuracy", title=f"CIFAR-10 validation accuracy ({options.base})",
+    )  # fmt: skip
     return md
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
+def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         options = cfg.from_args(argv, {"default": CompareConfig()}, default="default")
@@ -192,18 +241,51 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         raise SystemExit(f"error: {e}") from None
     if options.base not in CONFIGS:
         raise SystemExit(f"error: --base={options.base}: unknown; choose from {', '.join(CONFIGS)}")
+    unknown = [m for m in options.models if m not in MODELS]
+    if unknown or not options.models or not options.seeds:
+        raise SystemExit(
+            f"error: give seeds and models, from {', '.join(MODELS)} (unknown: {unknown})"
+        )
     base = dataclasses.replace(CONFIGS[options.base], data_dir=options.data_dir)
     dataset = vdata.load_cifar10(base.data_dir, download=base.download)
-    rows = []
+    workdir = pathlib.Path(options.workdir)
+
+    def make_plan() -> dict:
+        profiles = {}
+        for name in options.models:
+            print(f"timing {name} ...", flush=True)
+            profiles[name] = profile(model_config(base, name, 0), dataset)
+        steps = options.train_steps if options.train_steps >= 0 else rep.steps_for_budget(
+            options.budget_min, [p["seconds_per_step"] for p in profiles.values()],
+            len(options.seeds),
+        )  # fmt: skip
+        return {"train_steps": steps or base.train_steps, "profile": profiles}
+
+    budget = options.budget_min if options.train_steps < 0 else 0.0
+    try:
+        plan = rep.load_plan(workdir / rep.PLAN_FILE, budget, make_plan)
+    except rep.ReproduceError as e:
+        raise SystemExit(f"error: {e}") from None
+    rows: dict[str, dict] = {}
     for name in options.models:
-        config = model_config(base, name, options.train_steps)
-        workdir = pathlib.Path(options.workdir) / name
-        print(f"=== {name}: {MODELS[name][0]} -> {workdir}", flush=True)
-        resume = Run(workdir).saved_config() is not None  # a finished run is reused
-        train(config, workdir, name=name, resume=resume, dataset=dataset)
-        memory = compiled_memory(config, dataset)
-        rows.append(summarise(name, config, workdir, memory))
-    md = write_report(rows, options, base, min(len(dataset.x_test), base.test_size or 10**9))
+        runs = []
+        for seed in options.seeds:
+            config = model_config(base, name, plan["train_steps"], seed)
+            run_dir = workdir / f"{name}-seed{seed}"
+            status = rep.run_status(run_dir)
+            print(f"=== {run_dir.name}: {MODELS[name][0]}: {status}", flush=True)
+            if status != "done":
+                train(config, run_dir, name=name, resume=status == "partial", dataset=dataset)
+            runs.append(summarise(name, config, run_dir))
+        rows[name] = {
+            "label": MODELS[name][0],
+            "config": cfg.to_dict(config),
+            "paper_nfe": paper_nfe(config),
+            "profile": plan["profile"].get(name) or profile(config, dataset),
+            "runs": runs,
+        }
+    n_test = min(len(dataset.x_test), base.test_size or 10**9)
+    md = write_report(rows, options, plan, n_test)
     print(md.read_text())
     return rows
 

@@ -253,6 +253,7 @@ def build_model(config: Config, key: PRNGKeyArray, *, adjoint: Any = None) -> tu
                 adjoint=adjoint,
                 tol=config.tol,
                 bn_momentum=config.bn_momentum,
+                deq_residual=config.deq_residual,
                 key=key,
             )
         return eqx.nn.make_with_state(SingleScaleDEQ)(

@@ -17,6 +17,8 @@ picks `best.eqx`; the test split is only used to report the best checkpoint at t
 
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -161,12 +163,20 @@ def train(config: Config, workdir, *, name="custom", resume=False, overwrite=Fal
             if log_now:
                 metrics = run.fetch(metrics, done)  # a host sync
                 run.log(done, "train", show=("loss", "acc", "images_per_s"), **metrics)
+                if config.schedule == "plateau" and metrics["lr"] <= config.min_lr * (1 + 1e-6):
+                    print(
+                        f"learning rate down to min_lr={config.min_lr:g}: stopping (paper's rule)"
+                    )
+                    config = dataclasses.replace(config, train_steps=done)  # the last step
+                    log_now, eval_now, save_now = run.due(done, config)
             if eval_now:
                 val = evaluate(state.model, state.model_state, x_val, y_val, config.eval_batch_size)
                 improved, best_acc = val["acc"] > best_acc, max(val["acc"], best_acc)
                 run.log(done, "val", show=("loss", "acc"), **val)
             if save_now or improved:
                 run.save(state, best=improved, best_acc=best_acc)
+            if done == config.train_steps:  # the stopping rule ended the run early
+                break
     except KeyboardInterrupt:
         run.interrupted(state)  # saves, then stops with one line
 

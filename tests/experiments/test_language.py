@@ -414,27 +414,6 @@ def test_compare_training_seconds():
     assert training_seconds(records) == {0: 0.0, 10: 1.0, 20: 2.0, 30: 4.0}
 
 
-@needs_data
-@pytest.mark.slow
-def test_compare_smoke(tmp_path):
-    from experiments.language import compare
-
-    compare.main(
-        [
-            "--config=tiny",
-            f"--data-dir={WIKITEXT}",
-            f"--cache_dir={tmp_path / 'cache'}",
-            "--budget_s=1",
-            "--variants=revdeq,explicit",
-            f"--out={tmp_path / 'out'}",
-            f"--runs={tmp_path / 'runs'}",
-        ]
-    )
-    table = (tmp_path / "out" / "compare.md").read_text()
-    assert "RevDEQ" in table and "Explicit" in table
-    assert (tmp_path / "out" / "ppl_vs_time.png").is_file()
-
-
 def test_exact_state_gradient_matches_float64_state():
     """`state_dtype="exact"` in the config reaches the solver: at 4 steps (where a float64
     state still reconstructs exactly) both give the same float32 model gradient."""

@@ -1,0 +1,96 @@
+"""CI smoke of `make reproduce-wikitext` / `make reproduce-cifar`: the same pipelines
+(`compare.main`) on tiny configs for a few steps, into a tmp dir; a second invocation skips
+the finished runs and reuses the plan."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from experiments.common import reproduce as rep
+from tests.experiments.test_language import needs_data, WIKITEXT
+
+
+def test_run_status_and_plan(tmp_path):
+    run = tmp_path / "run"
+    assert rep.run_status(run) == "new"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert rep.run_status(run) == "partial"
+    (run / "results.json").write_text("{}")
+    assert rep.run_status(run) == "done"
+    made = []
+    plan = rep.load_plan(tmp_path / "plan.json", 5.0, lambda: made.append(1) or {"train_steps": 7})
+    again = rep.load_plan(tmp_path / "plan.json", 5.0, lambda: made.append(1) or {})
+    assert plan == again == {"budget_min": 5.0, "train_steps": 7} and made == [1]
+    with pytest.raises(rep.ReproduceError, match="--budget_min=5"):
+        rep.load_plan(tmp_path / "plan.json", 6.0, dict)
+    # 2 seeds of models at 1 s and 2 s per step in 1 minute, a quarter kept for the rest
+    assert rep.steps_for_budget(1.0, [1.0, 2.0], 2, minimum=1) == 7
+
+
+def test_at_time_and_spread():
+    curve = [(10, 1.0, 50.0), (20, 2.0, 40.0), (30, 3.0, 45.0)]
+    assert rep.at_time(curve, 2.5, min) == (20, 40.0)
+    assert rep.at_time(curve, 0.5, min) is None
+    s = rep.spread([1.0, 3.0, None])
+    assert s == {"mean": 2.0, "min": 1.0, "max": 3.0, "n": 2}
+    assert rep.fmt_spread(s, ".1f") == "2.0 (1.0–3.0)" and rep.fmt_spread(None, ".1f") == "-"
+
+
+@needs_data
+def test_reproduce_wikitext_smoke(tmp_path, capsys):
+    from experiments.language import compare
+
+    args = [
+        "--config=tiny",
+        f"--data-dir={WIKITEXT}",
+        "--train_steps=2",
+        "--seeds=0",
+        "--variants=nfe-4,explicit",
+        f"--out={tmp_path / 'out'}",
+        f"--runs={tmp_path / 'runs'}",
+    ]
+    rows = compare.main(args)
+    out = tmp_path / "out"
+    table = (out / "compare.md").read_text()
+    for label in ("RevDEQ (4 NFE)", "Explicit (4 layers"):
+        assert table.count(label) == 2  # one row in each view
+    saved = json.loads((out / "compare.json").read_text())
+    assert set(saved["rows"]) == {"nfe-4", "explicit"}
+    run = saved["rows"]["nfe-4"]["runs"][0]
+    assert run["paper_nfe"] == 4 and run["nfe"] == pytest.approx(5.0)  # library adds f(z0)
+    assert [p["paper_nfe"] for p in run["sweep"]] == [2, 4]  # one compiled eval, two budgets
+    assert all(math.isfinite(p["test_ppl"]) for p in run["sweep"])
+    assert (out / "ppl_vs_nfe.png").is_file() and (out / "ppl_vs_time.png").is_file()
+    capsys.readouterr()
+    again = compare.main(args)  # skips both finished runs
+    assert capsys.readouterr().out.count(": done") == 2
+    assert again["nfe-4"]["runs"][0]["test_ppl"] == rows["nfe-4"]["runs"][0]["test_ppl"]
+
+
+def test_reproduce_cifar_smoke(tmp_path, capsys):
+    from experiments.vision import compare, data as vdata
+
+    if not (vdata.default_sample_dir() / vdata.SAMPLE_TRAIN).is_file():
+        pytest.skip("no CIFAR-10 sample")
+    args = [
+        "--base=tiny",
+        "--train-steps=2",
+        "--seeds=0",
+        "--models=revdeq-multiscale,resnet18",
+        f"--workdir={tmp_path / 'runs'}",
+        f"--out={tmp_path / 'out'}",
+    ]
+    compare.main(args)
+    out = tmp_path / "out"
+    table = (out / "compare.md").read_text()
+    assert table.count("RevDEQ multi-scale") == 2 and table.count("ResNet-18") == 2
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["rows"]["revdeq-multiscale"]["paper_nfe"] == 8  # 2 x (2 + 2) steps
+    assert (out / "compare_curves.png").is_file()
+    capsys.readouterr()
+    compare.main(args)
+    assert capsys.readouterr().out.count(": done") == 2
