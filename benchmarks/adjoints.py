@@ -647,11 +647,13 @@ NOTES = """Reading the tables:
   error column measures how far they are from the exact gradient of the computation
   performed, not a bug. The implicit gradient is the gradient at the exact fixed point:
   it gets closer as the forward solve converges (more steps).
-- Under `jax.vmap`, a custom-VJP backward (ReversibleAdjoint, and Equinox's checkpointed
-  loop) is itself vmapped, so it accumulates one parameter cotangent per example in its
-  loop carry and sums them at the end: memory `batch × parameters`, and per-example
-  outer products instead of one matrix product per step. The vmap-vs-batched-`fn`
-  table isolates that cost.
+- Under `jax.vmap`, ReversibleAdjoint's backward walks the batch back in one loop (its
+  `custom_vmap` rule, `vmap_backward="batch"`), evaluating `fn` as the VJP of the batched
+  function, so it keeps one parameter cotangent, as a batched `fn` would. Equinox's
+  checkpointed loop (CheckpointAdjoint) has no such rule: vmapped, it accumulates one
+  parameter cotangent per example (memory `batch × parameters`). The
+  vmap-vs-batched-`fn` table compares the two layouts; `batch_memory.md` measures the
+  rule on the experiments' models.
 - Reconstruction error is in the units of the state (absolute, worst element); a value
   of 0 means the backward pass rebuilt exactly the forward iterates.
 """
@@ -716,7 +718,8 @@ def write_markdown(data, path: Path) -> None:
             f"{c['chain']} dependent evaluations in one jitted program, in straight-line "
             "code and as the body of a `lax.scan`; f + b is one VJP (value and pullback, "
             "as the backward pass takes it); 'per-example b' keeps one parameter "
-            "cotangent per example (what a `vmap`ped custom-VJP backward computes); "
+            "cotangent per example (what a `vmap`ped custom-VJP backward without a "
+            "batching rule computes); "
             "'one call' is a single jitted call, dispatch included.",
             "",
             "| | f | b | f + b | per-example b |",
