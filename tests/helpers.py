@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+import revdeq_jax as rdeq
+
 
 class MLPBlock(eqx.Module):
     """f(z, x) = W2 tanh(W1 z + x), scaled to be a contraction."""
@@ -102,3 +104,35 @@ def tree_rel_error(a, b) -> float:
         den = max(np.linalg.norm(y), 1e-300)
         errs.append(np.linalg.norm(x - y) / den)
     return max(errs)
+
+
+class ReportRecorder:
+    """A `ReversibleAdjoint(report=...)` hook that keeps every report it is given."""
+
+    def __init__(self):
+        self.reports = []
+
+    def __call__(self, report):
+        self.reports.append({k: np.asarray(v) for k, v in report.items()})
+
+    def stacked(self):
+        """The reports so far, stacked (under `vmap` the hook is called once per
+        example)."""
+        jax.effects_barrier()
+        assert self.reports
+        return {k: np.stack([r[k] for r in self.reports]) for k in self.reports[0]}
+
+
+def float64_unrolled(grads, block, xs, beta: float, steps: int):
+    """The float64 unrolled reference gradient: `grads(block, xs, solver, adjoint, steps)`
+    with the block and inputs in float64, a float64 reversible state and plain autodiff
+    through the stored loop (`UnrolledAdjoint`), as numpy arrays."""
+    with jax.enable_x64(True):
+        g = grads(
+            cast_floats(block, jnp.float64),
+            xs.astype(jnp.float64),
+            rdeq.Reversible(beta, state_dtype=None),
+            rdeq.UnrolledAdjoint(),
+            steps,
+        )
+        return jax.tree.map(np.asarray, g)

@@ -18,7 +18,7 @@ import pytest
 import revdeq_jax as rdeq
 from revdeq_jax._state import ExactState, rational_beta
 
-from .helpers import cast_floats, make_block, tree_rel_error
+from .helpers import cast_floats, make_block, ReportRecorder, tree_rel_error
 
 
 def _grads(block, x, z0, solver, adjoint, steps, tol=0.0):
@@ -49,14 +49,6 @@ def _reference(block, x, z0, beta, steps, tol=0.0):
         return jax.tree.map(np.asarray, g)
 
 
-class _Recorder:
-    def __init__(self):
-        self.reports = []
-
-    def __call__(self, report):
-        self.reports.append({k: np.asarray(v) for k, v in report.items()})
-
-
 @pytest.mark.parametrize("name", ["attention", "conv"])
 @pytest.mark.parametrize(
     "beta,steps",
@@ -66,7 +58,7 @@ def test_exact_at_depth(name, beta, steps, getkey):
     block, x = make_block(name, key=getkey(), dtype=jnp.float32)
     z0 = 0.1 * jnp.sin(x)  # a z0 that depends on x: its gradient is checked too
     ref = _reference(block, x, z0, beta, steps)
-    recorder = _Recorder()
+    recorder = ReportRecorder()
     g = _grads(
         block,
         x,

@@ -22,13 +22,14 @@ import pytest
 
 import revdeq_jax as rdeq
 
-from .helpers import cast_floats, make_block, tree_rel_error
+from .helpers import float64_unrolled, make_block, ReportRecorder, tree_rel_error
 from .unseen_blocks import (
     CausalAttentionLN,
     ConvGroupNorm,
     GatedRMSMLP,
     perturbed_in_vjp,
     TanhLayer,
+    ULP_SHIFTS,
     WideTanhMLP,
 )
 
@@ -50,14 +51,6 @@ def _block(name, key):
     if name == "tanh":
         return TanhLayer(16, key=kb), jax.random.normal(kx, (3, 16))
     raise ValueError(name)
-
-
-class _Recorder:
-    def __init__(self):
-        self.reports = []
-
-    def __call__(self, report):
-        self.reports.append({k: np.asarray(v) for k, v in report.items()})
 
 
 def _loss_and_grad(block, xs, solver, adjoint, steps, *, mode="vmap", wrap=lambda f: f):
@@ -95,33 +88,17 @@ def _loss_and_grad(block, xs, solver, adjoint, steps, *, mode="vmap", wrap=lambd
 
 
 def _reference(block, xs, beta, steps):
-    with jax.enable_x64(True):
-        g = _loss_and_grad(
-            cast_floats(block, jnp.float64),
-            xs.astype(jnp.float64),
-            rdeq.Reversible(beta, state_dtype=None),
-            rdeq.UnrolledAdjoint(),
-            steps,
-        )
-        return jax.tree.map(np.asarray, g)
-
-
-def _reports(recorder):
-    """The reports of one backward pass, stacked (under `vmap` the hook is called once per
-    example)."""
-    jax.effects_barrier()
-    assert recorder.reports
-    return {k: np.stack([r[k] for r in recorder.reports]) for k in recorder.reports[0]}
+    return float64_unrolled(_loss_and_grad, block, xs, beta, steps)
 
 
 def _check_exact(name, beta, steps, getkey, *, mode="vmap", wrap=lambda f: f, state="exact"):
     block, xs = _block(name, getkey())
-    recorder = _Recorder()
+    recorder = ReportRecorder()
     adjoint = rdeq.ReversibleAdjoint(report=recorder)  # default policy: raise on mismatch
     g = _loss_and_grad(
         block, xs, rdeq.Reversible(beta, state_dtype=state), adjoint, steps, mode=mode, wrap=wrap
     )
-    report = _reports(recorder)
+    report = recorder.stacked()
     # Every solve rebuilt its initial state to the bit...
     assert np.all(report["abs"] == 0.0) and not np.any(report["mismatch"]), report
     # ...every re-evaluation snapped inside the guarantee (2**(m-1) lattice units)...
@@ -189,17 +166,7 @@ def test_nested_jit(getkey):
     _check_exact("mlp", 0.9, 32, getkey, mode="nested")
 
 
-@pytest.mark.parametrize(
-    "shift",
-    [
-        pytest.param(lambda out: jnp.ones(out.shape, jnp.int32), id="+1ulp"),
-        pytest.param(lambda out: jnp.full(out.shape, -4, jnp.int32), id="-4ulp"),
-        pytest.param(
-            lambda out: jax.random.randint(jax.random.key(7), out.shape, -4, 5),
-            id="random-4..4ulp",
-        ),
-    ],
-)
+@pytest.mark.parametrize("shift", ULP_SHIFTS)
 @pytest.mark.parametrize("beta", [0.8, pytest.param(0.9, marks=slow)])
 def test_reevaluation_off_by_ulps(shift, beta, getkey):
     """Fault injection: inside `jax.vjp` (the backward pass) the layer returns values 1 to
@@ -211,7 +178,7 @@ def test_reevaluation_off_by_ulps(shift, beta, getkey):
     # Control: the perturbation is really there. A state whose tolerance is half an ulp
     # (lattice = 1 ulp, 1 guard bit) does not absorb it, and the check catches that.
     block, xs = _block("tanh", key)
-    recorder = _Recorder()
+    recorder = ReportRecorder()
     control = rdeq.ExactState(lattice_bits=0, guard_bits=1)
     assert control.tolerance_ulps() == 0.5
     _loss_and_grad(
@@ -222,7 +189,7 @@ def test_reevaluation_off_by_ulps(shift, beta, getkey):
         32,
         wrap=wrap,
     )
-    assert np.any(_reports(recorder)["mismatch"])
+    assert np.any(recorder.stacked()["mismatch"])
 
 
 def _faulty_grad(adjoint, getkey):
@@ -237,6 +204,7 @@ def _faulty_grad(adjoint, getkey):
 def test_beyond_tolerance_raises_by_default(getkey):
     with pytest.raises(Exception, match="did not rebuild the initial state"):
         jax.block_until_ready(_faulty_grad(rdeq.ReversibleAdjoint(), getkey))
+        jax.effects_barrier()  # a host-callback error surfaces here at the latest
 
 
 def test_beyond_tolerance_warns_or_is_ignored_when_asked(getkey):
@@ -248,9 +216,9 @@ def test_beyond_tolerance_warns_or_is_ignored_when_asked(getkey):
     message = str(caught[0].message)
     assert "tolerates 31.5 ulps" in message, message
     assert "`ExactState(guard_bits=8)` tolerates 127.5 ulps" in message, message
-    recorder = _Recorder()
+    recorder = ReportRecorder()
     g2 = _faulty_grad(rdeq.ReversibleAdjoint(on_mismatch="ignore", report=recorder), lambda: key)
-    report = _reports(recorder)
+    report = recorder.stacked()
     assert np.all(report["mismatch"]) and len(report["mismatch"]) == 3  # every one caught
     assert np.all(report["drift"] >= 8.0)  # and the drift shows why
     assert tree_rel_error(g, g2) == 0.0
@@ -259,7 +227,7 @@ def test_beyond_tolerance_warns_or_is_ignored_when_asked(getkey):
 def test_mismatch_is_per_example(getkey):
     """Under `vmap` the check is made per example: one faulty example is flagged alone."""
     block, xs = _block("tanh", getkey())
-    recorder = _Recorder()
+    recorder = ReportRecorder()
     # Only the first example's re-evaluation is off (its input is the only one > 10).
     xs = xs.at[0].add(20.0)
     wrap = lambda f: perturbed_in_vjp(
@@ -273,7 +241,7 @@ def test_mismatch_is_per_example(getkey):
         16,
         wrap=wrap,
     )
-    assert sorted(_reports(recorder)["mismatch"].tolist()) == [False, False, True]
+    assert sorted(recorder.stacked()["mismatch"].tolist()) == [False, False, True]
 
 
 def test_reconstruction_error_runs_the_real_backward(getkey):
@@ -298,7 +266,7 @@ def test_helpers_conv_block_under_vmap(getkey):
     0.8 (gradient error 0.72 without the lattice)."""
     block, x = make_block("conv", key=getkey(), dtype=jnp.float32)
     xs = jnp.stack([x, -x, 0.5 * x, x[::-1]])
-    recorder = _Recorder()
+    recorder = ReportRecorder()
     g = _loss_and_grad(
         block,
         xs,
@@ -306,5 +274,5 @@ def test_helpers_conv_block_under_vmap(getkey):
         rdeq.ReversibleAdjoint(report=recorder),
         16,
     )
-    assert np.all(_reports(recorder)["abs"] == 0.0)
+    assert np.all(recorder.stacked()["abs"] == 0.0)
     assert tree_rel_error(g, _reference(block, xs, 0.8, 16)) <= GRAD_BOUND  # measured 3e-6

@@ -7,6 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 
 def _layer_norm(h, g, b, eps=1e-5):
@@ -141,3 +142,15 @@ class WideTanhMLP(eqx.Module):
 
     def __call__(self, z, x):
         return self.w2 @ jnp.tanh(self.w1 @ (z + x))
+
+
+# Faults within the exact state's tolerance: a re-evaluation 1 and 4 ulps off, and random
+# per-element shifts of up to 4 ulps (`perturbed_in_vjp`'s `shifts`).
+ULP_SHIFTS = [
+    pytest.param(lambda out: jnp.ones(out.shape, jnp.int32), id="+1ulp"),
+    pytest.param(lambda out: jnp.full(out.shape, -4, jnp.int32), id="-4ulp"),
+    pytest.param(
+        lambda out: jax.random.randint(jax.random.key(7), out.shape, -4, 5),
+        id="random-4..4ulp",
+    ),
+]
