@@ -664,10 +664,11 @@ NOTES = """Reading the tables:
   keeps 6 guard bits per evaluation, so the backward pass snaps each re-evaluation back
   onto the forward's value if it lies within 31.5 ulps; **drift** is how far the
   re-evaluations landed from the lattice point they were snapped to (0.5 = a bit-identical
-  re-evaluation, since the forward rounded to the nearest point; at or above 2^(guard_bits-1) = 32, beyond the
-  guarantee). `exact-nolattice` (`guard_bits=0`, the previous design) needs bit-identical
-  re-evaluations. Where reversal is exact, what remains against the float64 reference is
-  the rounding of `fn` (and, for `exact`, of the lattice).
+  re-evaluation, since the forward rounded to the nearest point; 32 and above, i.e.
+  2^(guard_bits-1), is beyond the guarantee). `exact-nolattice` (`guard_bits=0`, the
+  previous design) needs bit-identical re-evaluations. Where reversal is exact, what
+  remains against the float64 reference is the rounding of `fn` (and, for `exact`, of
+  the lattice).
 - Times are medians of interleaved rounds on a shared machine (the timed programs include
   the report callback, a few tens of µs); ratios are measured within one run and
   differences under ~15% are noise. Memory is the compiled `temp_size_in_bytes`.
