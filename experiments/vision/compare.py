@@ -4,12 +4,12 @@ Neural ODE on CIFAR-10, at matched optimiser steps and at matched wall-clock, ov
 
     python -m experiments.vision.compare --budget-min=90 --seeds=0,1   # the `repro` base, ~90 min
     python -m experiments.vision.compare --train-steps=200 --models=revdeq-multiscale,resnet18
-    python -m experiments.vision.compare --base=paper-170k --train-steps=0   # full paper budget
+    python -m experiments.vision.compare --base=paper-170k --train-steps=70300   # the paper's 100 epochs
 
 Every model is trained by `experiments.vision.train` with the same data, batch size, optimiser,
 schedule and number of steps (the `--base` config, `repro` by default), once per seed, in
 `<workdir>/<model>-seed<k>/`. The step count is the plan (`<workdir>/plan.json`):
-`--train-steps=N` (0: the base config's), or from `--budget-min` (the whole comparison's
+`--train-steps=N`, or from `--budget-min` (the whole comparison's
 wall-clock), after compiling and timing every model's step. Invoking it again continues:
 finished runs are skipped, partial ones resumed from their checkpoint, the plan is reused.
 Writes `results/compare.md` (both views; mean and min-max over seeds), `results/compare.json`
@@ -84,8 +84,8 @@ class CompareConfig:
     base: str = "repro"  # training setup shared by all models (a name in configs.CONFIGS)
     models: tuple[str, ...] = REPRODUCE  # which entries of MODELS to run
     seeds: tuple[int, ...] = (0, 1)  # one run per model and seed
-    train_steps: int = -1  # > 0: this many; 0: the base config's; -1: from budget_min
-    budget_min: float = 90.0  # wall-clock of the whole comparison (train_steps=-1)
+    train_steps: int | None = None  # this many (>= 1), or None: from budget_min
+    budget_min: float = 90.0  # wall-clock of the whole comparison (train_steps not given)
     data_dir: str | None = None
     workdir: str = "runs/reproduce-cifar"
     out: str = str(RESULTS_DIR)  # where compare.md/.json/.png go
@@ -233,12 +233,17 @@ def write_report(
     return md
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_options(argv: Sequence[str]) -> CompareConfig:
+    """The comparison's options from `--key=value` flags. **Raises:** `SystemExit` with the
+    reason for a bad flag."""
     try:
-        options = cfg.from_args(argv, {"default": CompareConfig()}, default="default")
+        return cfg.from_args(list(argv), {"default": CompareConfig()}, default="default")
     except cfg.ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
+    options = parse_options(sys.argv[1:] if argv is None else argv)
     if options.base not in CONFIGS:
         raise SystemExit(f"error: --base={options.base}: unknown; choose from {', '.join(CONFIGS)}")
     unknown = [m for m in options.models if m not in MODELS]
@@ -255,13 +260,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
         for name in options.models:
             print(f"timing {name} ...", flush=True)
             profiles[name] = profile(model_config(base, name, 0), dataset)
-        steps = options.train_steps if options.train_steps >= 0 else rep.steps_for_budget(
+        steps = options.train_steps if options.train_steps is not None else rep.steps_for_budget(
             options.budget_min, [p["seconds_per_step"] for p in profiles.values()],
             len(options.seeds),
         )  # fmt: skip
-        return {"train_steps": steps or base.train_steps, "profile": profiles}
+        return {"train_steps": steps, "profile": profiles}
 
-    budget = options.budget_min if options.train_steps < 0 else 0.0
+    budget = options.budget_min if options.train_steps is None else 0.0
     try:
         plan = rep.load_plan(workdir / rep.PLAN_FILE, budget, make_plan)
     except rep.ReproduceError as e:

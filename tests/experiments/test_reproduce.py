@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 
 import pytest
 
 from experiments.common import reproduce as rep
 from tests.experiments.test_language import needs_data, WIKITEXT
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_run_status_and_plan(tmp_path):
@@ -29,6 +33,25 @@ def test_run_status_and_plan(tmp_path):
         rep.load_plan(tmp_path / "plan.json", 6.0, dict)
     # 2 seeds of models at 1 s and 2 s per step in 1 minute, a quarter kept for the rest
     assert rep.steps_for_budget(1.0, [1.0, 2.0], 2, minimum=1) == 7
+
+
+def test_make_reproduce_cifar_flags_plan_from_the_budget():
+    """The flags `make reproduce-cifar` passes (read from the Makefile) parse, and leave the
+    step count to the budget: a `train_steps` default the config rules refused once made
+    the target exit before training anything."""
+    from experiments.vision import compare
+
+    recipe = (ROOT / "Makefile").read_text().split("reproduce-cifar: $(STAMP)")[1]
+    line = " ".join(recipe.split("\n\n")[0].replace("\\\n", " ").split())
+    flags = [f for f in line.split() if f.startswith("--") and "$(DATA_FLAG)" not in f]
+    values = {"$(BUDGET_MIN)": "90", "$(SEEDS)": "0,1", "$(RUNS)": "runs"}
+    for make_var, value in values.items():
+        flags = [f.replace(make_var, value) for f in flags]
+    options = compare.parse_options(flags)
+    assert options.train_steps is None and options.budget_min == 90.0
+    assert options.seeds == (0, 1) and options.base == "repro"
+    with pytest.raises(SystemExit, match="train_steps"):
+        compare.parse_options(["--train-steps=0"])
 
 
 def test_at_time_and_spread():
