@@ -83,6 +83,10 @@ def _float32(beta):
     return rdeq.Reversible(beta, state_dtype=jnp.float32)
 
 
+# The losses sum the vmapped solves before `grad`: the batch rule's summed parameter
+# cotangents are the gradient (see `ReversibleAdjoint(vmap_backward=...)`).
+SUMMED = rdeq.ReversibleAdjoint(vmap_backward="batch")
+
 # Every adjoint differentiates the same forward iteration with a float32 state, except the
 # reversible rows with another state. The reversible rows' adjoint is replaced by one
 # that records the backward pass's report and never raises (`harness.Reports`).
@@ -91,21 +95,21 @@ ADJOINTS = (
         "reversible",
         "ReversibleAdjoint (f32 state)",
         _float32,
-        rdeq.ReversibleAdjoint(),
+        SUMMED,
         True,
     ),
     AdjointSpec(
         "reversible_f64",
         "ReversibleAdjoint (f64 state)",
         lambda beta: rdeq.Reversible(beta, state_dtype=jnp.float64),
-        rdeq.ReversibleAdjoint(),
+        SUMMED,
         True,
     ),
     AdjointSpec(
         "reversible_exact",
         "ReversibleAdjoint (exact state, the default)",
         lambda beta: rdeq.Reversible(beta, state_dtype=rdeq.ExactState()),
-        rdeq.ReversibleAdjoint(),
+        SUMMED,
         True,
     ),
     AdjointSpec(

@@ -10,9 +10,9 @@ run: the `paper` language model is only compiled) of three programs:
 * `per-example rule`: `ReversibleAdjoint(vmap_backward="per_example")`, the backward
   loop of one solve batched by `vmap`, which carries one cotangent of every parameter of
   the equilibrium block per example;
-* `batch rule` (the default, `vmap_backward="batch"`): one backward loop for the batch,
-  `fn` evaluated as the VJP of the batched function, shared-parameter cotangents summed
-  as they arrive;
+* `batch rule` (`vmap_backward="batch"`, for the gradient of a summed loss, as here): one
+  backward loop for the batch, `fn` evaluated as the VJP of the batched function,
+  shared-parameter cotangents summed as they arrive;
 * `batched fn`: one solve of the whole batch with `eqx.filter_vmap(layer)` (one residual
   and one stopping decision for the batch): the memory to match;
 
@@ -50,7 +50,7 @@ from . import _harness as h
 RULES = ("per_example", "batch", "batched_fn")
 LABELS = {
     "per_example": "per-example rule",
-    "batch": "batch rule (default)",
+    "batch": "batch rule",
     "batched_fn": "batched fn",
 }
 

@@ -78,7 +78,8 @@ class _Mismatches:
 
 def make_value_and_grad(static, target, state, beta: float, steps: int, layout: str, report=None):
     solver = rdeq.Reversible(beta, state_dtype=state)
-    adjoint = rdeq.ReversibleAdjoint(on_mismatch="ignore", report=report)
+    # The loss sums the examples' solves before `grad`: the batch rule applies.
+    adjoint = rdeq.ReversibleAdjoint(on_mismatch="ignore", report=report, vmap_backward="batch")
 
     def solve(fn, x):
         return rdeq.fixed_point(

@@ -1,8 +1,10 @@
 """The reversible backward pass under `jax.vmap` walks the whole batch back in one loop
-(`ReversibleAdjoint(vmap_backward="batch")`, the default): `fn` is evaluated once per
-half-step as the VJP of the batched function, so the cotangents of shared parameters are
-summed over the batch as they arrive instead of being carried once per example, while
-each example still stops, reverses and is checked on its own.
+(`ReversibleAdjoint(vmap_backward="batch")`): `fn` is evaluated once per half-step as the
+VJP of the batched function, so the cotangents of shared parameters are summed over the
+batch as they arrive instead of being carried once per example, while each example still
+stops, reverses and is checked on its own. That sum is what the gradient of a loss summed
+over the vmapped solves needs (`grad` outside `vmap`), and what per-example gradients
+(`vmap` of `grad`) must not get: there the default, `"per_example"`, is right.
 
 References: the float64 unrolled gradient (autodiff through the stored loop, everything
 in float64), each example solved alone, and the per-example rule
@@ -22,6 +24,10 @@ from .unseen_blocks import perturbed_in_vjp, ULP_SHIFTS
 
 
 GRAD_BOUND = 1e-5  # against the float64 unrolled reference
+
+
+def _batch_rule(**kwargs) -> rdeq.ReversibleAdjoint:
+    return rdeq.ReversibleAdjoint(vmap_backward="batch", **kwargs)
 
 
 # --- blocks written for these tests --------------------------------------------------------
@@ -169,8 +175,7 @@ def _exact(beta):
 def test_equals_float64_unrolled_reference(name, beta, getkey):
     block, xs = _block(name, getkey())
     recorder = ReportRecorder()
-    adjoint = rdeq.ReversibleAdjoint(report=recorder)  # vmap_backward="batch" by default
-    assert adjoint.vmap_backward == "batch"
+    adjoint = _batch_rule(report=recorder)
     g, num_steps = _grads(block, xs, _exact(beta), adjoint, 16)
     assert np.all(np.asarray(num_steps) == 16)
     report = recorder.stacked()
@@ -193,17 +198,20 @@ def _stopping_batch(key):
     return block, scales[:, None] * jax.random.normal(kx, (5, 10))
 
 
-@pytest.mark.parametrize("beta", [0.5, 0.8])
+# beta 0.9 (3 digits of radix 640 a word): a stopped example keeps taking steps in the
+# batched forward loop, and a digit *added* (not set) there each time would overflow its
+# word and corrupt the steps it holds.
+@pytest.mark.parametrize("beta", [0.5, 0.8, 0.9])
 def test_per_example_stopping_matches_each_alone(beta, getkey):
     block, xs = _stopping_batch(getkey())
     recorder = ReportRecorder()
-    adjoint = rdeq.ReversibleAdjoint(report=recorder)
+    adjoint = _batch_rule(report=recorder)
     g, num_steps = _grads(block, xs, _exact(beta), adjoint, 40, tol=1e-3)
     num_steps = np.asarray(num_steps)
     assert len(set(num_steps.tolist())) >= 3, num_steps  # they really stop apart
     assert np.all(num_steps < 40), num_steps
     assert np.all(recorder.stacked()["abs"] == 0.0)
-    alone, alone_steps = _grads(block, xs, _exact(beta), rdeq.ReversibleAdjoint(), 40, tol=1e-3,
+    alone, alone_steps = _grads(block, xs, _exact(beta), _batch_rule(), 40, tol=1e-3,
                                 mode="alone")  # fmt: skip
     np.testing.assert_array_equal(num_steps, np.asarray(alone_steps))
     # Per-example cotangents (of x and z0) example by example, and the shared
@@ -223,11 +231,11 @@ def test_nested_vmap_and_checkpoint(mode, getkey):
     block, xs = _stopping_batch(getkey())
     recorder = ReportRecorder()
     g, num_steps = _grads(
-        block, xs, _exact(0.8), rdeq.ReversibleAdjoint(report=recorder), 40, tol=1e-3, mode=mode
+        block, xs, _exact(0.8), _batch_rule(report=recorder), 40, tol=1e-3, mode=mode
     )
     assert len(set(np.asarray(num_steps).tolist())) >= 3
     assert np.all(recorder.stacked()["abs"] == 0.0)
-    ref, ref_steps = _grads(block, xs, _exact(0.8), rdeq.ReversibleAdjoint(), 40, tol=1e-3)
+    ref, ref_steps = _grads(block, xs, _exact(0.8), _batch_rule(), 40, tol=1e-3)
     np.testing.assert_array_equal(np.asarray(num_steps), np.asarray(ref_steps))
     assert tree_rel_error(g, ref) <= 1e-6
 
@@ -276,13 +284,13 @@ def test_reevaluation_off_by_ulps_is_absorbed(shift, getkey):
     wrap = lambda f: perturbed_in_vjp(f, shift)
     recorder = ReportRecorder()
     g, num_steps = _grads(
-        block, xs, _exact(0.8), rdeq.ReversibleAdjoint(report=recorder), 40, tol=1e-3, wrap=wrap
+        block, xs, _exact(0.8), _batch_rule(report=recorder), 40, tol=1e-3, wrap=wrap
     )
     assert len(set(np.asarray(num_steps).tolist())) >= 3
     report = recorder.stacked()
     assert np.all(report["abs"] == 0.0) and np.all(report["drift"] < 8.0), report
     assert np.any(report["drift"] >= 1.0)  # the perturbation is really there
-    clean, _ = _grads(block, xs, _exact(0.8), rdeq.ReversibleAdjoint(), 40, tol=1e-3)
+    clean, _ = _grads(block, xs, _exact(0.8), _batch_rule(), 40, tol=1e-3)
     assert tree_rel_error(g, clean) <= 1e-6
 
 
@@ -298,13 +306,13 @@ def _faulty(adjoint, xs, block, only_first=False):
 def test_beyond_tolerance_is_caught_per_example(getkey):
     block, xs = _stopping_batch(getkey())
     with pytest.raises(Exception, match="did not rebuild the initial state"):
-        jax.block_until_ready(_faulty(rdeq.ReversibleAdjoint(), xs, block))
+        jax.block_until_ready(_faulty(_batch_rule(), xs, block))
         jax.effects_barrier()  # a host-callback error surfaces here at the latest
     # Only the first example saturates the tanh to within 1e-5 of 1, and only its
     # re-evaluation is then 40 ulps off.
     xs = (0.5 * jax.random.normal(getkey(), xs.shape)).at[0].add(20.0)
     recorder = ReportRecorder()
-    _faulty(rdeq.ReversibleAdjoint(on_mismatch="ignore", report=recorder), xs, block, True)
+    _faulty(_batch_rule(on_mismatch="ignore", report=recorder), xs, block, True)
     assert recorder.stacked()["mismatch"].tolist() == [True] + [False] * (len(xs) - 1)
 
 
@@ -356,3 +364,34 @@ def test_vmap_backward_option_is_checked():
     # A TypeError from the annotations' runtime check under the tests, else a ValueError.
     with pytest.raises((ValueError, TypeError), match="vmap_backward"):
         rdeq.ReversibleAdjoint(vmap_backward="batched")
+
+
+def test_per_example_gradients_need_the_per_example_rule(getkey):
+    """`jax.vmap(jax.grad(loss))`: one gradient per example, also w.r.t. the parameters the
+    batch shares. The default (`"per_example"`) gives each example its own, equal to the
+    example differentiated alone. The batch rule sums the shared cotangents over the
+    batch, which is what a `grad` of a summed loss needs; here it hands every example the
+    batch's sum (the documented reason it is not the default)."""
+    block, xs = _stopping_batch(getkey())
+    params, static = eqx.partition(block, eqx.is_inexact_array)
+
+    def per_example(adjoint):
+        def loss(params, x):
+            sol = rdeq.fixed_point(
+                eqx.combine(params, static), jnp.zeros_like(x), x,
+                solver=_exact(0.8), adjoint=adjoint, max_steps=40, tol=1e-3,
+            )  # fmt: skip
+            return jnp.sum(jnp.sin(sol.value))
+
+        return jax.grad(loss), jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))
+
+    assert rdeq.ReversibleAdjoint().vmap_backward == "per_example"
+    grad, vmapped = per_example(rdeq.ReversibleAdjoint())
+    got = vmapped(params, xs)
+    alone = [jax.jit(grad)(params, x) for x in xs]
+    for i, want in enumerate(alone):
+        assert tree_rel_error(jax.tree.map(lambda g: g[i], got), want) <= 1e-5
+    _, summed = per_example(_batch_rule())
+    total = jax.tree.map(lambda *g: sum(g), *alone)
+    for i in range(len(xs)):
+        assert tree_rel_error(jax.tree.map(lambda g: g[i], summed(params, xs)), total) <= 1e-5

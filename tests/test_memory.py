@@ -47,7 +47,7 @@ def test_reversible_memory_flat_unrolled_grows(getkey):
 
 def test_vmapped_solve_does_not_carry_per_example_parameter_cotangents(getkey):
     """Letting `vmap` batch the reversible backward loop (`vmap_backward="per_example"`)
-    makes it carry one parameter cotangent per example; the default batch rule, like one
+    makes it carry one parameter cotangent per example; the batch rule, like one
     solve with a batched `fn`, sums them inside each VJP. Same gradient, and the
     batch x params accumulator is gone from compiled memory."""
     block, x = make_block("attention", key=getkey(), dtype=jnp.float32)

@@ -54,7 +54,10 @@ def make_solver(config: Any) -> rdeq.AbstractSolver:
 def make_adjoint(config: Any) -> rdeq.AbstractAdjoint:
     """The gradient strategy named by `config.adjoint`."""
     if config.adjoint == "reversible":
-        return rdeq.ReversibleAdjoint()
+        # The train steps differentiate the batch's mean loss (`grad` outside the
+        # per-example `vmap`), where the batch rule's summed parameter cotangents are the
+        # gradient, in one copy instead of one per example.
+        return rdeq.ReversibleAdjoint(vmap_backward="batch")
     if config.adjoint == "unrolled":
         return rdeq.UnrolledAdjoint()
     if config.adjoint == "checkpoint":

@@ -8,6 +8,7 @@ that reverse-mode autodiff stores step by step) or `checkpointed_while_loop` (Eq
 online recursive checkpointing).
 """
 
+import functools as ft
 import math
 import numbers
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any, TypeAlias
 import equinox as eqx
 import equinox.internal as eqxi
 import jax
+import jax.custom_batching
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Float, Int, PyTree
@@ -26,18 +28,100 @@ from ._solver.base import AbstractSolver
 
 
 Inputs: TypeAlias = tuple[Fn, Args, Z]  # (fn, args, z0): what gradients flow to
-WhileLoop: TypeAlias = Callable[..., Any]  # (cond, body, init, *, max_steps) -> carry
+WhileLoop: TypeAlias = Callable[..., Any]  # (cond, body, init, *, max_steps, append_only) -> carry
 
 
-def lax_while_loop(cond, body, init, *, max_steps: int):
+def lax_while_loop(cond, body, init, *, max_steps: int, append_only=None):
     """`lax.while_loop`: stops as soon as `cond` fails; forward-mode autodiff only."""
-    del max_steps
+    del max_steps, append_only
     return jax.lax.while_loop(cond, body, init)
 
 
-def unrolled_while_loop(cond, body, init, *, max_steps: int):
+def in_place_while_loop(cond, body, init, *, max_steps: int, append_only=None):
+    """`lax_while_loop`, with a `vmap` rule that leaves the carry's `append_only` leaves
+    unmasked.
+
+    `vmap` batches a `lax.while_loop` whose stopping test differs between examples as
+    one loop that runs while any example runs, keeping the stopped examples' carry with a
+    `select(active, body(carry), carry)` on *every* leaf; each select needs the old and
+    the new leaf at once, so XLA copies the leaf every step instead of updating it in
+    place. For a leaf that grows with the number of steps (an exact state's information
+    buffer) that copy is as large as the buffer. Leaves marked in `append_only` (a tree
+    of bools shaped like `init`, see `AbstractSolver.append_only`) are written only at
+    positions a solve has not used, so the stopped examples may take the step: this
+    rule takes `body(carry)` for them unmasked, and they are updated in place. Every
+    other leaf is masked as `vmap` would.
+    """
+    del max_steps
+    if append_only is None or not any(jtu.tree_leaves(append_only)):
+        return jax.lax.while_loop(cond, body, init)
+    # `custom_vmap` needs every batched value as an operand: closed-over tracers (the
+    # parameters, `args`) become the closure-converted functions' array leaves.
+    cond = eqx.filter_closure_convert(cond, init)
+    body = eqx.filter_closure_convert(body, init)
+    dynamic, static = eqx.partition((cond, body, init), eqx.is_array)
+    loop = jax.custom_batching.custom_vmap(ft.partial(_while_loop_dynamic, static))
+    # `vmap` may call the rule after the caller's 64-bit scope (the solver's, see
+    # `AbstractSolver.scope`) has closed: the rule re-enters the setting of the call.
+    x64 = bool(jax.config.read("jax_enable_x64"))
+    loop.def_vmap(ft.partial(_in_place_vmap_rule, static, append_only, x64))
+    return loop(dynamic)
+
+
+def _while_loop_dynamic(static, dynamic):
+    cond, body, init = eqx.combine(dynamic, static)
+    return jax.lax.while_loop(lambda c: cond(c), lambda c: body(c), init)
+
+
+def _in_place_vmap_rule(static, append_only, x64, axis_size, in_batched, dynamic):
+    """The `vmap` rule of `in_place_while_loop`: one loop while any example is active."""
+    with jax.enable_x64(x64):
+        return _in_place_batched_loop(static, append_only, axis_size, in_batched, dynamic)
+
+
+def _in_place_batched_loop(static, append_only, axis_size, in_batched, dynamic):
+    (batched,) = in_batched
+    cond_batched, body_batched, init_batched = batched
+    init = jtu.tree_map(
+        lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *x.shape)),
+        dynamic[2],
+        init_batched,
+    )
+    cond, body, _ = eqx.combine(dynamic, static)
+    _, _, init_static = static
+
+    def _vmapped(f, f_batched):
+        f_dynamic, f_static = eqx.partition(f, eqx.is_array)
+        axes = jtu.tree_map(lambda b: 0 if b else None, f_batched)
+
+        def _one(f_dynamic, carry):
+            return eqx.combine(f_dynamic, f_static)(eqx.combine(carry, init_static))
+
+        return jax.vmap(_one, in_axes=(axes, 0))
+
+    active_of = ft.partial(_vmapped(cond, cond_batched), eqx.filter(cond, eqx.is_array))
+    step_of = ft.partial(_vmapped(body, body_batched), eqx.filter(body, eqx.is_array))
+    keep = jtu.tree_leaves(append_only)
+
+    def _body(carry):
+        active = active_of(carry)
+        new = eqx.filter(step_of(carry), eqx.is_array)
+        new_leaves, treedef = jtu.tree_flatten(new)
+        old_leaves = jtu.tree_leaves(carry)
+        out = [
+            n if k else jnp.where(active.reshape(active.shape + (1,) * (n.ndim - 1)), n, o)
+            for n, o, k in zip(new_leaves, old_leaves, keep, strict=True)
+        ]
+        return jtu.tree_unflatten(treedef, out)
+
+    out = jax.lax.while_loop(lambda c: jnp.any(active_of(c)), _body, init)
+    return out, jtu.tree_map(lambda _: True, out)
+
+
+def unrolled_while_loop(cond, body, init, *, max_steps: int, append_only=None):
     """A `lax.scan` over `max_steps` steps, those after `cond` fails masked out: the
     value of `lax_while_loop`, and reverse-mode autodiff stores every step."""
+    del append_only
 
     def _step(carry, _):
         active = cond(carry)
@@ -48,9 +132,10 @@ def unrolled_while_loop(cond, body, init, *, max_steps: int):
     return out
 
 
-def checkpointed_while_loop(cond, body, init, *, max_steps: int):
+def checkpointed_while_loop(cond, body, init, *, max_steps: int, append_only=None):
     """Equinox's checkpointed while loop: reverse-differentiable in O(log max_steps)
     memory, recomputing steps on the backward pass."""
+    del append_only
     return eqxi.while_loop(cond, body, init, max_steps=max_steps, kind="checkpointed")
 
 
@@ -185,7 +270,8 @@ def iterate(
             return n + 1, solver.step(fn, state, args)
 
         init = (jnp.zeros((), jnp.int32), state0)
-        n, state = while_loop(_cond, _body, init, max_steps=max_steps)
+        append_only = (False, solver.append_only(state0))
+        n, state = while_loop(_cond, _body, init, max_steps=max_steps, append_only=append_only)
         converged, diff, rel, finite = _test(state)
         value, _ = solver.current(state)
         return LoopResult(

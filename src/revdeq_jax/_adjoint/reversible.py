@@ -13,7 +13,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array
 
-from .._iterate import Inputs, lax_while_loop, LoopResult, Primal
+from .._iterate import in_place_while_loop, Inputs, LoopResult, Primal
 from .._misc import materialise, tree_add, tree_cast_like, zeros_like_inexact
 from .._solver.base import AbstractReversibleSolver, AbstractSolver, BackwardBatch, ReverseCarry
 from .base import AbstractAdjoint
@@ -86,13 +86,19 @@ class ReversibleAdjoint(AbstractAdjoint):
       $2^{m-1}$, see [`revdeq_jax.ExactState`][]; 0 elsewhere); and `"mismatch"`
       (per example under `vmap`).
     - `vmap_backward`: what the backward pass does when per-example solves are
-      `jax.vmap`ped. `"batch"` (the default) walks the whole batch back in one loop,
-      evaluating `fn` once per half-step as the VJP of the batched function, so the
-      cotangents of the leaves the batch shares (the parameters) are summed as they
-      arrive and the loop carries one copy of them, as for a batched `fn`; each example
-      still stops, reconstructs and is checked on its own. `"per_example"` lets `vmap`
-      batch the per-example loop, which then carries one parameter cotangent per example
-      (memory batch × parameters). See the batching guide.
+      `jax.vmap`ped. `"per_example"` (the default) lets `vmap` batch the per-example
+      loop, which then carries one cotangent of every shared parameter per example
+      (memory batch × parameters); right under every composition of transformations.
+      `"batch"` walks the whole batch back in one loop, evaluating `fn` once per
+      half-step as the VJP of the batched function, so the cotangents of the leaves the
+      batch shares (the parameters) are *summed over the batch* as they arrive and the
+      loop carries one copy of them, as for a batched `fn`; each example still stops,
+      reconstructs and is checked on its own. Use it when the gradient is taken of a
+      loss summed (or averaged) over the vmapped solves, `jax.grad(lambda p:
+      jnp.mean(jax.vmap(solve)(p, xs)))`, as in every training step. **Not** for
+      per-example gradients, `jax.vmap(jax.grad(...))`: each example would get the
+      batch's summed parameter cotangent (a `vmap` rule cannot tell the two apart). See
+      the batching guide.
 
     The method and its reference: [`revdeq_jax.Reversible`][].
     """
@@ -100,7 +106,7 @@ class ReversibleAdjoint(AbstractAdjoint):
     on_mismatch: Literal["raise", "warn", "ignore"] = eqx.field(default="raise", static=True)
     mismatch_rtol: float | None = eqx.field(default=None, static=True)
     report: Callable[[dict[str, Array]], None] | None = eqx.field(default=None, static=True)
-    vmap_backward: Literal["batch", "per_example"] = eqx.field(default="batch", static=True)
+    vmap_backward: Literal["batch", "per_example"] = eqx.field(default="per_example", static=True)
 
     def __check_init__(self):
         if self.vmap_backward not in _VMAP_BACKWARDS:
@@ -137,13 +143,13 @@ class ReversibleAdjoint(AbstractAdjoint):
 @eqx.filter_custom_vjp
 def _reversible_solve(inputs, primal, solver, adjoint):
     del solver, adjoint
-    return eqx.tree_at(lambda r: r.state, primal(inputs, lax_while_loop), None)
+    return eqx.tree_at(lambda r: r.state, primal(inputs, in_place_while_loop), None)
 
 
 @_reversible_solve.def_fwd
 def _reversible_solve_fwd(perturbed, inputs, primal, solver, adjoint):
     del perturbed, adjoint
-    out = primal(inputs, lax_while_loop)
+    out = primal(inputs, in_place_while_loop)
     y, z = solver.coupled(out.state)
     return eqx.tree_at(lambda r: r.state, out, None), (y, z, out.num_steps)
 
@@ -208,7 +214,9 @@ def _warn_on_mismatch(mismatch, rel, drift, *, advice) -> None:
         warnings.warn(_describe(mismatch, rel, drift, advice), RuntimeWarning, stacklevel=2)
 
 
-def reverse_loop(solver, fn, args, z0, y_n, z_n, num_steps, value_bar, *, vmap_backward="batch"):
+def reverse_loop(
+    solver, fn, args, z0, y_n, z_n, num_steps, value_bar, *, vmap_backward="per_example"
+):
     """Algorithm 1: walks `num_steps` steps back from `(y_n, z_n)`, inside the solver's
     scope.
 
@@ -219,6 +227,9 @@ def reverse_loop(solver, fn, args, z0, y_n, z_n, num_steps, value_bar, *, vmap_b
     walks the whole batch back in one loop (`_batched_reverse_loop`, through a
     `custom_vmap` rule) instead of letting `vmap` batch the per-example loop
     (`"per_example"`), which carries one cotangent of every shared parameter per example.
+    The rule returns the shared leaves' cotangents summed over the batch, not per
+    example: it departs from what `vmap` of the loop would give, which is right only
+    when the caller sums them anyway (a `grad` taken outside the `vmap`).
     """
     operands = (solver, fn, args, z0, y_n, z_n, num_steps, value_bar)
     if vmap_backward == "per_example":  # the plain loop, batched as `vmap` batches it

@@ -52,6 +52,15 @@ class AbstractSolver(eqx.Module, Generic[SolverState]):
         Used for the stopping test (the relative residual) and for the output.
         """
 
+    def append_only(self, state: SolverState) -> PyTree[bool]:
+        """Which leaves of `state` (a tree of bools shaped like it) a step only writes at
+        positions the solve has not used yet, such as an exact state's information
+        buffer: a step past the end of a solve leaves everything that is read unchanged.
+        Under per-example `vmap`, the loop of a reversible solve lets the examples that
+        have stopped write these leaves rather than masking them, so XLA updates them in
+        place instead of copying them every step. The default: none."""
+        return jtu.tree_map(lambda _: False, state)
+
     def prepare(self, z0: Z, max_steps: int, *, differentiable: bool = False) -> "AbstractSolver":
         """This solver, with every choice that depends on `z0`, on `max_steps` or on the
         adjoint made.

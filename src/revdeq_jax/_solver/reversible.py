@@ -146,6 +146,11 @@ class Reversible(AbstractReversibleSolver[ReversibleState]):
         fz = fn(self._down(z, state.fz), args)
         return ReversibleState(y=y, z=z, fz=fz)
 
+    def append_only(self, state: ReversibleState) -> PyTree[bool]:
+        flags = jtu.tree_map(lambda _: False, state)
+        coupled = tuple(self._map(self.state_dtype.append_only, x) for x in (state.y, state.z))
+        return eqx.tree_at(lambda s: (s.y, s.z), flags, coupled)
+
     def current(self, state: ReversibleState) -> tuple[Z, Z]:
         return self._down(state.z, state.fz), state.fz
 

@@ -72,6 +72,14 @@ class AbstractState(eqx.Module):
         del x
         return False
 
+    def append_only(self, x: Any) -> PyTree[bool]:
+        """Which parts of the leaf `x` (a tree of bools shaped like it) a step only writes
+        at positions the solve has not used yet, overwriting what is there: a step taken
+        after the solve stopped changes nothing anything reads, so a batched loop may let
+        finished examples write them instead of masking (copying) them. The default:
+        none."""
+        return jtu.tree_map(lambda _: False, x)
+
     @abc.abstractmethod
     def encode(self, z0: Array) -> Any:
         """One leaf of `z0` as held by the state."""

@@ -231,6 +231,12 @@ class ExactState(AbstractState):
     def is_leaf(self, x: Any) -> bool:
         return isinstance(x, Exact)
 
+    def append_only(self, x: Exact) -> PyTree[bool]:
+        # A step writes the digit and the exponent of step `count` (replacing what is
+        # there) and nothing below it; the backward pass reads steps < `count` only.
+        flags = jax.tree_util.tree_map(lambda _: False, x)
+        return eqx.tree_at(lambda e: (e.words, e.shifts), flags, (True, True))
+
     def tolerance_ulps(self) -> float:
         """The guaranteed tolerance: reversal is exact whenever every element of a
         re-evaluation of `fn` lies (strictly) within this many ulps (of `fn`'s dtype, at the
@@ -358,7 +364,12 @@ class ExactState(AbstractState):
         guard = lattice & ((1 << m) - 1)
         digit = (remainder + b * guard).astype(jnp.uint32)
         idx, place = self._position(x.count, b)
-        word = x.words[idx] + digit * place  # < radix**(pos + 1) <= 2**32: no overflow
+        # The digit of step `count` *replaces* what its place holds (0, unless a batched
+        # loop ran this step for an example that had already stopped: see
+        # `append_only`); the digits below it, the steps taken, are kept.
+        old = x.words[idx]
+        stale = (old // place) % jnp.uint32(self._radix(b))
+        word = old + (digit - stale) * place  # digits < radix, radix**d <= 2**32: no overflow
         return Exact(
             value=jnp.where(bad, _BAD, value),
             words=x.words.at[idx].set(word, mode="drop"),
