@@ -19,6 +19,7 @@ print(f"{count_params(state.model):,} parameters, lr {lr_at(state.opt_state, 0)}
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -99,5 +100,12 @@ def plateau_scale(opt_state: PyTree) -> Array:
 
 
 def count_params(model: PyTree) -> int:
-    """Number of scalars in the floating-point arrays of `model` (its parameters)."""
-    return int(optax.tree.size(eqx.filter(model, eqx.is_inexact_array)))
+    """Number of scalars in the floating-point arrays of `model` (its parameters); also for
+    an abstract model (`eqx.filter_eval_shape`), whose leaves are `jax.ShapeDtypeStruct`s."""
+
+    def is_param(x) -> bool:
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jnp.issubdtype(x.dtype, jnp.inexact)
+        return eqx.is_inexact_array(x)
+
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(model) if is_param(x))

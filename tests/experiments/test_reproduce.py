@@ -4,6 +4,7 @@ the finished runs and reuses the plan."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -117,3 +118,22 @@ def test_reproduce_cifar_smoke(tmp_path, capsys):
     capsys.readouterr()
     compare.main(args)
     assert capsys.readouterr().out.count(": done") == 2
+
+
+def test_resnet_width_matches_the_deq_parameters():
+    """`compare.py` sizes ResNet-18 to the multi-scale RevDEQ's parameter count from
+    abstract models (`eqx.filter_eval_shape`). `count_params` once counted 0 for those, so
+    the narrowest width (11K parameters against 175K) was picked for the first full run."""
+    import equinox as eqx
+
+    from experiments.common.optim import count_params
+    from experiments.vision import compare
+    from experiments.vision.configs import CONFIGS
+    from experiments.vision.train import init_state
+
+    base = CONFIGS["repro"]
+    width = compare.matched_resnet_width(base)
+    deq = init_state(dataclasses.replace(base, model="implicit-resnet")).model
+    resnet = init_state(dataclasses.replace(base, model="resnet18", resnet_width=width)).model
+    assert count_params(eqx.filter_eval_shape(lambda: deq)) == count_params(deq)
+    assert abs(count_params(resnet) / count_params(deq) - 1) < 0.1  # 176,402 vs 175,122
