@@ -137,14 +137,18 @@ def plot_series(
     ylabel: str,
     title: str,
     logy: bool = False,
+    logx: bool = False,
 ) -> pathlib.Path:
-    """One axes with a line per entry of `series` (label -> `(xs, ys)`).
+    """One axes with a line per entry of `series` (label -> `(xs, ys)`). More than four
+    series get their legend below the axes, where it hides no data.
 
-    With `logy=True`, non-positive values raise `ValueError` (they have no logarithm).
+    With `logy=True` (`logx=True`), non-positive y (x) values raise `ValueError` (they have
+    no logarithm).
     """
     if not series:
         raise ValueError("`series` is empty")
-    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    below = len(series) > 4
+    fig = Figure(figsize=(6.0, 4.0 + (0.2 * len(series) if below else 0.0)), layout="constrained")
     ax = fig.subplots()
     for label, (xs, ys) in series.items():
         if len(xs) != len(ys):
@@ -153,6 +157,10 @@ def plot_series(
         if logy and any(y <= 0 for y in ys if not math.isnan(y)):
             raise ValueError(
                 f"series {label!r} has values <= 0, which a log-scale axis cannot show"
+            )
+        if logx and any(x <= 0 for x in _finite_or_nan(xs) if not math.isnan(x)):
+            raise ValueError(
+                f"series {label!r} has x values <= 0, which a log-scale axis cannot show"
             )
         ax.plot(
             list(xs),
@@ -163,9 +171,14 @@ def plot_series(
         )
     if logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    if below:
+        fig.legend(loc="outside lower center", fontsize="x-small", ncols=1)
+    else:
+        ax.legend(fontsize="small")
     return _save(fig, out_png)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
+import numpy as np
 
 from .run import CONFIG_FILE
 
@@ -128,10 +129,24 @@ def training_seconds(records: Sequence[Mapping[str, Any]]) -> dict[int, float]:
 
 
 def val_curve(records: Sequence[Mapping[str, Any]], key: str) -> list[tuple[int, float, float]]:
-    """`(step, training seconds, value of key)` of every validation record."""
+    """`(step, training seconds, value of key)` of every validation record. A validation
+    between two logged train steps gets the time interpolated between theirs (the vision
+    runs validate every 24 steps and log every 10: looking the step up gave NaN, which left
+    the matched-time view and the wall-clock curves without the intermediate points)."""
     seconds = training_seconds(records)
+    steps = sorted(seconds)
     val = sorted((r for r in records if r["split"] == "val"), key=lambda r: r["step"])
-    return [(r["step"], seconds.get(r["step"], math.nan), r[key]) for r in val]
+    out = []
+    for r in val:
+        step = r["step"]
+        if step in seconds:
+            t = seconds[step]
+        elif len(steps) > 1 and steps[0] < step < steps[-1]:
+            t = float(np.interp(step, steps, [seconds[s] for s in steps]))
+        else:
+            t = math.nan  # after the last logged step: unknown
+        out.append((step, t, r[key]))
+    return out
 
 
 def at_time(
@@ -144,6 +159,26 @@ def at_time(
         return None
     value = better(v for _, v in within)
     return max(step for step, _ in within), value
+
+
+def matched_seconds(runs_per_model: Iterable[Sequence[Mapping[str, Any]]]) -> float:
+    """The wall-clock of the matched-time view: the fastest model's mean training time, or,
+    if that comes before some run's first validation, that validation's time, so that every
+    run has a value. (A model much faster than the rest, like a small ResNet against
+    implicit models, otherwise leaves the view empty; with the later time its whole run
+    lies within the window, and the slower models are still caught mid-run.)
+
+    `runs_per_model`: for each model its runs, each with `train_seconds` and `curve` (rows
+    `(step, seconds, value)` as from `val_curve`)."""
+    models = [list(runs) for runs in runs_per_model]
+    fastest = min(statistics.fmean(run["train_seconds"] for run in runs) for runs in models)
+    firsts = [
+        min((t for _, t, _ in run["curve"] if math.isfinite(t)), default=math.nan)
+        for runs in models
+        for run in runs
+    ]
+    first_val = max((t for t in firsts if math.isfinite(t)), default=0.0)
+    return max(fastest, first_val)
 
 
 def spread(values: Sequence[float | None]) -> dict[str, float] | None:

@@ -204,9 +204,7 @@ def write_report(
     rows: dict[str, dict], out: pathlib.Path, plan: dict, unigram: dict, description: str
 ) -> str:
     """`compare.md`, `compare.json`, `ppl_vs_nfe.png`, `ppl_vs_time.png` into `out`."""
-    seconds = min(
-        float(np.mean([run["train_seconds"] for run in r["runs"]])) for r in rows.values()
-    )
+    seconds = rep.matched_seconds(r["runs"] for r in rows.values())
     summarise(rows, seconds)
     seeds = sorted({run["seed"] for r in rows.values() for run in r["runs"]})
     steps_table = rep.markdown_table(
@@ -246,9 +244,10 @@ def write_report(
         "",
         "## At matched wall-clock",
         "",
-        f"Best validation perplexity reached within {seconds:.0f} s of training, the mean training"
-        " time of the fastest model: slower models are caught mid-schedule (learning rate not yet"
-        " decayed), which this view charges to them.",
+        f"Best validation perplexity reached within {seconds:.0f} s of training: the mean training"
+        " time of the fastest model, or the latest first validation if that comes later"
+        " (`reproduce.matched_seconds`). Slower models are caught mid-schedule (learning rate not"
+        " yet decayed), which this view charges to them.",
         "",
         time_table,
         "",

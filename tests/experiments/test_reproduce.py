@@ -64,6 +64,40 @@ def test_at_time_and_spread():
     assert rep.fmt_spread(s, ".1f") == "2.0 (1.0–3.0)" and rep.fmt_spread(None, ".1f") == "-"
 
 
+def test_matched_seconds_never_leaves_a_model_out():
+    """The matched-time view's window: the fastest model's mean training time when every
+    run has been validated by then; otherwise the latest first validation, so that no
+    model's value is missing (the first CIFAR comparison's table was empty for the
+    implicit models: ResNet-18 had finished in 18 s, before their first validation)."""
+    run = lambda seconds, curve: {"train_seconds": seconds, "curve": curve}
+    similar = [
+        [run(100.0, [(5, 20.0, 1.0), (10, 100.0, 0.5)])],
+        [run(140.0, [(5, 30.0, 1.0), (10, 140.0, 0.5)]), run(160.0, [(5, 35.0, 0.9)])],
+    ]
+    assert rep.matched_seconds(similar) == 100.0
+    fast_one = [
+        [run(18.0, [(99, 18.0, 0.3)])],
+        [run(900.0, [(27, 250.0, 0.2), (99, 900.0, 0.3)]), run(950.0, [(27, 260.0, 0.2)])],
+    ]
+    seconds = rep.matched_seconds(fast_one)
+    assert seconds == 260.0
+    assert all(rep.at_time(r["curve"], seconds, max) for runs in fast_one for r in runs)
+
+
+def test_val_curve_times_validations_between_logged_steps():
+    """Validation every 24 steps, train records every 10 (the vision runs): a validation
+    gets the training time interpolated between the logged steps around it."""
+    records = [
+        {"split": "train", "step": 10},  # compilation: charged at the first measured rate
+        {"split": "train", "step": 20, "ms_per_step": 1000.0},
+        {"split": "val", "step": 20, "acc": 0.1},
+        {"split": "val", "step": 24, "acc": 0.2},
+        {"split": "train", "step": 30, "ms_per_step": 2000.0},
+    ]
+    curve = rep.val_curve(records, "acc")
+    assert curve == [(20, 20.0, 0.1), (24, 28.0, 0.2)]
+
+
 @needs_data
 def test_reproduce_wikitext_smoke(tmp_path, capsys):
     from experiments.language import compare
