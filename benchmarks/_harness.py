@@ -111,7 +111,8 @@ class Reports:
     `tag` (one call per solve, i.e. per example under `jax.vmap`); `take(tag)` returns the
     worst over those calls and forgets them: `abs`/`rel` deviation of the rebuilt
     `(y_0, z_0)`, `drift` (exact state: largest distance of a re-evaluation of `fn` from
-    the lattice point it was snapped to, in lattice units), and how many solves flagged a
+    the lattice point it was snapped to, in ulps of the leaf's largest binade), and how
+    many solves flagged a
     mismatch. Floating states never reconstruct exactly, hence `"ignore"`: the benchmark
     records the flag instead of raising it."""
 

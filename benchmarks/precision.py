@@ -15,8 +15,8 @@ the batch), each `beta`, each number of steps (`tol=0`: every solve takes exactl
 * `float32x2`: `TwoFloatState()`, about 48 bits, no 64-bit types,
 * `float64`: `FloatState(jnp.float64)`, 64-bit switched on only around the solver,
 * `exact`: `ExactState()`, fixed-point int64 plus an information buffer, `fn`'s output
-  rounded to a lattice with 6 guard bits, so the backward pass snaps re-evaluations
-  within 31.5 ulps back onto the forward's value,
+  rounded to a lattice with 6 guard bits (refined by the packing's spare bits), so the
+  backward pass snaps re-evaluations within 31.5 ulps back onto the forward's value,
 * `exact-nolattice`: `ExactState(guard_bits=0)`, the previous exact state: exact only
   if the backward pass re-evaluates `fn` to the same bits,
 
@@ -25,7 +25,7 @@ and each dtype of `fn` (float32, bfloat16: block, input and `z0` cast), it measu
 * from the backward pass itself (`ReversibleAdjoint(report=...)`, `on_mismatch=
   "ignore"`): the deviation of the rebuilt initial state, its mismatch flag, and the
   exact state's drift (how far re-evaluations landed from the lattice point they were
-  snapped to, in lattice units);
+  snapped to, in ulps of the leaf's largest binade);
 * the gradient error: the largest over the leaves (every block parameter and the input)
   of `||g - g_ref|| / ||g_ref||`, for the loss `sum(sin(value))`, against the gradient of
   the same solve unrolled in float64 (`UnrolledAdjoint`, block, input and `z0` cast to
@@ -660,12 +660,15 @@ NOTES = """Reading the tables:
   where the pass flagged a mismatch (with the default `on_mismatch="raise"` that gradient
   would have been refused). The exact states flag any deviation at all; floating states
   never reconstruct exactly and flag a relative deviation above 1e-3.
-- `exact` rounds `fn`'s output to a lattice (one ulp of the leaf's largest binade) and
-  keeps 6 guard bits per evaluation, so the backward pass snaps each re-evaluation back
-  onto the forward's value if it lies within 31.5 ulps; **drift** is how far the
-  re-evaluations landed from the lattice point they were snapped to (0.5 = a bit-identical
-  re-evaluation, since the forward rounded to the nearest point; 32 and above, i.e.
-  2^(guard_bits-1), is beyond the guarantee). `exact-nolattice` (`guard_bits=0`, the
+- `exact` rounds `fn`'s output to a lattice (1/4 ulp of the leaf's largest binade at
+  β 0.5 and 0.9, 1/8 at β 0.8: one ulp, refined by the guard bits the buffer's packing
+  leaves unused) and keeps 6 guard bits (7, 8, 7 after refinement) per evaluation, so the
+  backward pass snaps each re-evaluation back onto the forward's value if it lies within
+  31.5 ulps (31.75–31.875 after refinement); **drift** is how far the re-evaluations
+  landed from the lattice point they were snapped to, in ulps of the leaf's largest binade
+  (at most half the lattice spacing for a bit-identical re-evaluation, since the forward
+  rounded to the nearest point; 31.5 and above is beyond the guarantee, and the
+  measurement saturates near 32). `exact-nolattice` (`guard_bits=0`, the
   previous design) needs bit-identical re-evaluations. Where reversal is exact, what
   remains against the float64 reference is the rounding of `fn` (and, for `exact`, of
   the lattice).
@@ -742,7 +745,7 @@ def summary(data) -> list[str]:
                     + " as β/steps)"
                 )
             if st == "exact" and drift is not None:
-                text += f"; largest drift {drift:.3g} lattice units"
+                text += f"; largest drift {drift:.3g} ulps"
             out.append(text + ".")
     mem_n = max((n for n in s["steps"] if n in s["timing_steps"]), default=None)
     timed = [r for blk in data["blocks"].values() for r in blk["rows"] if "time_ratio" in r]
@@ -823,7 +826,8 @@ def write_markdown(data, path) -> None:
         "gradient w.r.t. every block parameter and the input. States: `float32` = "
         "`FloatState(jnp.float32)`, `float32x2` = `TwoFloatState()`, `float64` = "
         "`FloatState(jnp.float64)`, `exact` = `ExactState()` (32 fraction bits, lattice "
-        "1 ulp, 6 guard bits: tolerance 31.5 ulps), `exact-nolattice` = "
+        "1 ulp and 6 guard bits, refined to 1/4 ulp and 7 (β 0.5, 0.9) or 1/8 ulp and 8 "
+        "(β 0.8) in the same buffer: tolerance at least 31.5 ulps), `exact-nolattice` = "
         "`ExactState(guard_bits=0)` (the previous exact state).",
         "- Blocks (`benchmarks/blocks.py`): "
         + "; ".join(
@@ -907,7 +911,7 @@ def write_markdown(data, path) -> None:
             ]
         if "exact" in s["states"]:
             out += [
-                f"`exact` drift on {name} (lattice units; exact below 8):",
+                f"`exact` drift on {name} (ulps of the leaf's largest binade; exact below 31.5):",
                 "",
                 *drift_table(blk, s, s["betas"]),
                 "",

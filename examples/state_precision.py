@@ -45,14 +45,29 @@ for name, state in states.items():
         row.append(f"{float(report['rel']):9.1e}{flag}")
     print(f"  {name:>9}: " + "  ".join(row))
 
-# The exact state's knobs: a lattice of 2**lattice_bits ulps and guard_bits stored bits per
-# evaluation. Reversal is exact whenever the backward re-evaluation of fn lies within
-# (2**(guard_bits - 1) - 1/2) * 2**lattice_bits ulps of the forward's value (7.5 by default).
-tolerant = rdeq.ExactState(lattice_bits=1, guard_bits=5)  # 31 ulps, coarser rounding of fn
-report = rdeq.reconstruction_error(
-    layer, z0, x, solver=rdeq.Reversible(0.8, state_dtype=tolerant), max_steps=64, tol=0.0
-)
-print(
-    f"ExactState(lattice_bits=1, guard_bits=5), 64 steps: deviation {float(report['rel']):.1e}, "
-    f"largest re-evaluation drift {float(report['drift']):.2g} lattice units"
-)
+# The exact state's knobs: a lattice of 2**lattice_bits ulps (of fn's dtype, at the leaf's
+# largest binade) and guard_bits stored bits per evaluation. Reversal is exact whenever the
+# backward re-evaluation of fn lies within (2**(guard_bits - 1) - 1/2) * 2**lattice_bits ulps
+# of the forward's value (at least 31.5 by default), and fn's output is rounded to within
+# half a lattice spacing. With `refine` (the default) the guard bits the buffer's packing
+# would leave unused go to a finer lattice: at beta = 0.8 the default's (0, 6) become
+# (-2, 8), 31.875 ulps of tolerance with fn rounded to within 1/8 ulp, in the same buffer.
+# "drift" is how far the re-evaluations landed from the values they were snapped to, in ulps
+# (up to half the lattice spacing when they repeat the forward's bits).
+knobs = {
+    "ExactState()": rdeq.ExactState(),  # the default
+    # 31 ulps on a 2-ulp lattice (nothing to refine at 0.8): coarser rounding, smaller buffer
+    "ExactState(lattice_bits=1, guard_bits=5)": rdeq.ExactState(lattice_bits=1, guard_bits=5),
+}
+for name, state in knobs.items():
+    k, m = state.bits_in_use(0.8)
+    report = rdeq.reconstruction_error(
+        layer, z0, x, solver=rdeq.Reversible(0.8, state_dtype=state), max_steps=64, tol=0.0
+    )
+    print(
+        f"{name}: in use lattice_bits={k}, guard_bits={m}, tolerance "
+        f"{state.tolerance_ulps(0.8):g} ulps, rounding {state.rounding_ulps(0.8):g} ulp, "
+        f"{state.buffer_bits_per_step(0.8):.3g} buffer bits per element per step; 64 steps: "
+        f"deviation {float(report['rel']):.1e}, largest re-evaluation drift "
+        f"{float(report['drift']):.2g} ulps"
+    )

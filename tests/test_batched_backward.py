@@ -215,10 +215,14 @@ def test_per_example_stopping_matches_each_alone(beta, getkey):
                                 mode="alone")  # fmt: skip
     np.testing.assert_array_equal(num_steps, np.asarray(alone_steps))
     # Per-example cotangents (of x and z0) example by example, and the shared
-    # parameters' (the sum over the batch, in another order) as a whole.
+    # parameters' (the sum over the batch, in another order) as a whole. The batched and
+    # the lone forward passes evaluate `fn` in different programs, whose float32 values
+    # may differ by an ulp, and the lattice (1/4 or 1/8 ulp) keeps that difference: two
+    # exact gradients of slightly different forward passes, measured 1e-6 - 2.2e-6 apart.
+    # A digit lost or misplaced in the bookkeeping breaks reversal (O(1), and `abs` above).
     for i in range(len(xs)):
-        assert tree_rel_error((g[1][i], g[2][i]), (alone[1][i], alone[2][i])) <= 1e-6
-    assert tree_rel_error(g[0], alone[0]) <= 1e-6
+        assert tree_rel_error((g[1][i], g[2][i]), (alone[1][i], alone[2][i])) <= 1e-5
+    assert tree_rel_error(g[0], alone[0]) <= 1e-5
     # And the same as the per-example rule on the very same vmapped program.
     old, _ = _grads(
         block, xs, _exact(beta), rdeq.ReversibleAdjoint(vmap_backward="per_example"), 40, tol=1e-3

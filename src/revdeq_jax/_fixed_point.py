@@ -273,7 +273,8 @@ def reconstruction_error(
 
     **Returns:** a dict of scalars (arrays of per-example values under `vmap`): `"abs"`,
     the largest absolute deviation over $y_0$ and $z_0$; `"rel"`, that divided by
-    $\max(\max|z_0|, 1)$; `"drift"` (see [`revdeq_jax.ReversibleAdjoint`][]);
+    $\max(\max|z_0|, 1)$; `"drift"` (the exact state's largest re-evaluation drift, in
+    ulps; see [`revdeq_jax.ReversibleAdjoint`][]);
     `"mismatch"`; and `"num_steps"`.
     """
     rtol, atol = check_options(

@@ -82,9 +82,12 @@ class ReversibleAdjoint(AbstractAdjoint):
       pass: `"abs"`, the largest deviation of the rebuilt $(y_0, z_0)$ from the true
       initial state; `"rel"`, that over $\max(\max|z_0|, 1)$; `"drift"`, for the exact
       state the largest distance of a re-evaluation of `fn` from the value it was
-      snapped back to, in lattice units (exactness is guaranteed below
-      $2^{m-1}$, see [`revdeq_jax.ExactState`][]; 0 elsewhere); and `"mismatch"`
-      (per example under `vmap`).
+      snapped back to, in ulps of `fn`'s dtype at the leaf's largest binade (exactness is
+      guaranteed below the state's `tolerance_ulps()`, at least 31.5 with the defaults; a
+      re-evaluation that repeats the forward's bits still shows up to half the lattice
+      spacing, and past the tolerance the measure saturates at about 32 ulps with the
+      defaults, see [`revdeq_jax.ExactState`][]; 0 elsewhere); and `"mismatch"` (per
+      example under `vmap`).
     - `vmap_backward`: what the backward pass does when per-example solves are
       `jax.vmap`ped. `"per_example"` (the default) lets `vmap` batch the per-example
       loop, which then carries one cotangent of every shared parameter per example

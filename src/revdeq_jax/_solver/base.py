@@ -114,7 +114,8 @@ class AbstractReversibleSolver(AbstractSolver[SolverState]):
         """How far a reconstructed coupled state `(y, z)` lies from the initial state `z0`
         it should equal: a dict of scalars `"abs"` (largest deviation), `"rel"` (that over
         `max(max|z0|, 1)`), `"drift"` (how far re-evaluations of `fn` fell from the values
-        they were snapped to, where the state snaps; else 0) and `"mismatch"` (whether
+        they were snapped to, in ulps of `fn`'s dtype at the leaf's largest binade, where
+        the state snaps; else 0) and `"mismatch"` (whether
         the reversible gradient is not to be trusted; `rtol=None`: the state's own
         threshold)."""
 

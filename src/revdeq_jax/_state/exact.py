@@ -31,17 +31,28 @@ $Q$ is made recoverable from an *approximate* re-evaluation:
   $L$ whenever $|X' - L| < 2^{m-1}$: that is, whenever every element of the
   re-evaluation lies within $(2^{m-1} - \tfrac12)\,U$ of the forward's value.
 
-With the defaults ($k = 0$, $m = 6$) the lattice is one ulp (of `fn`'s dtype) of the
-largest element's binade, `fn`'s output is rounded to within half of one, and reversal is
-**exact to the bit whenever the re-evaluation is within 31.5 ulps** (of that binade) of the
-forward's value, element by element. The rounding is the price: it applies to every
-element of the leaf at the resolution of its largest, which for the leaf's small
-elements is coarser than `fn`'s own rounding (`benchmarks/results/precision.md` gives
-measured gradient errors).
+- **Refinement.** A digit of radix $b \cdot 2^m$ rarely fills its share of a word (at
+  `beta = 0.8`, three digits of radix 320 take 25 of 32 bits). The $e$ largest number of
+  guard bits more that keeps the same digits per word is spent on a lattice $2^e$ times
+  finer: $(k, m) \to (k - e, m + e)$, the same tolerance (slightly more) and the same
+  buffer, $2^e$ times less rounding. $e = 1, 2, 1$ at `beta` = 0.5, 0.8, 0.9.
+
+With the defaults ($k = 0$, $m = 6$, refined) the lattice is $2^{-e}$ ulps (of `fn`'s
+dtype) of the largest element's binade, `fn`'s output is rounded to within half of that,
+and reversal is **exact to the bit whenever the re-evaluation is within 31.5 ulps** (of
+that binade; 31.75 to 31.875 after refinement) of the forward's value, element by
+element. The rounding is the price: it applies to every element of the leaf at the
+resolution of its largest, which for the leaf's small elements can be coarser than
+`fn`'s own rounding (`benchmarks/results/precision.md` gives measured gradient errors).
 For the same tolerance, each guard bit more halves the rounding. A re-evaluation further
 off is not silently absorbed: the reconstruction of `z0` then misses (with overwhelming
 probability), which
 [`revdeq_jax.ReversibleAdjoint`][] checks on every backward pass.
+
+The guard bits are the information-theoretic price of the tolerance: recovering a
+lattice index from an estimate that may be off by $\pm T$ lattice units needs
+$\log_2(2T + 1)$ bits per element, whatever the encoding; only a smaller tolerance or a
+coarser lattice (more rounding) makes the buffer smaller.
 
 **Memory.** Per element, the state takes 2 x 64 bits, and each step pushes one digit of
 radix $b \cdot 2^m$ for each of $y$ and $z$, packed $d = \lfloor 32 / \log_2(b 2^m)
@@ -83,8 +94,19 @@ from .base import AbstractState, refuse_wide_z0, x64_scope
 
 
 MAX_DENOMINATOR = 1 << 16
+MAX_GUARD_BITS = 16  # a digit, remainder and guard bits, must fit a uint32: b * 2**m <= 2**32
 _BAD = jnp.iinfo(jnp.int64).min  # marks an element that left the representable range
 _SNAP_FRACTION_BITS = 16  # fractional bits of the re-evaluation's lattice coordinate
+
+
+def _digits_per_word(radix: int) -> int:
+    """How many digits of `radix` one uint32 word holds."""
+    d = max(1, int(32 / math.log2(radix)))
+    while radix ** (d + 1) <= 2**32:
+        d += 1
+    while radix**d > 2**32:
+        d -= 1
+    return d
 
 
 def rational_beta(beta: float) -> tuple[int, int]:
@@ -107,7 +129,7 @@ class Exact(eqx.Module):
     words: UInt32[Array, " num_words *shape"]  # digits (remainder, guard bits) per step
     shifts: Int[Array, " capacity"]  # lattice exponent u of each pushed f
     count: Int[Array, ""]  # digits pushed so far (= steps taken)
-    drift: Float[Array, ""]  # largest |X' - L| met when popping, in lattice units
+    drift: Float[Array, ""]  # largest |f' - f| met when popping, in ulps of max|f|
 
 
 def _mantissa_bits(dtype: Any) -> int:
@@ -144,7 +166,7 @@ class ExactState(AbstractState):
     are stored, so that the backward pass snaps its re-evaluation of `fn` back onto the
     value the forward pass used: **reversal is exact to the bit whenever every element of
     the re-evaluation lies within $(2^{m-1} - \frac12) \cdot 2^k$ ulps of the forward's
-    value** (31.5 ulps with the defaults), whatever XLA does to `fn` in the
+    value** (at least 31.5 ulps with the defaults), whatever XLA does to `fn` in the
     backward program. The reversible gradient then *equals* the unrolled gradient of the
     forward pass, at any depth. See the module documentation of `revdeq_jax._state.exact`
     for the derivation.
@@ -165,17 +187,24 @@ class ExactState(AbstractState):
       $2^{62-F} / (|b - a| + a)$ in magnitude (about 4e8 for 32 and `beta = 0.9`).
     - `lattice_bits`: $k$, the lattice spacing is $2^k$ ulps of `fn`'s dtype at the leaf's
       largest magnitude, so `fn`'s output is rounded to within $2^{k-1}$ of them.
+      Negative values make it finer than `fn`'s own ulp there (the leaf's smaller
+      elements are then rounded less).
     - `guard_bits`: $m$, bits of the lattice index stored per evaluation. Each one more
       doubles the tolerance for the same rounding (or halves the rounding for the same
       tolerance) and costs one bit per element per evaluation. `0` switches the lattice
       off (`fn`'s output is rounded to the $2^{-F}$ grid, and nothing is stored): exact
       only if the backward pass's re-evaluation of `fn` returns the forward's bits, which
       XLA does not promise; for measuring what the lattice costs.
+    - `refine`: spend the guard bits the buffer's packing would leave unused on a finer
+      lattice, $(k, m) \to (k - e, m + e)$ for the largest $e$ that packs as many digits
+      per word ($e = 1, 2, 1$ at `beta` = 0.5, 0.8, 0.9 with $m = 6$): same buffer, same
+      tolerance, $2^e$ times less rounding. `bits_in_use(beta)` gives the result.
     """
 
     fraction_bits: int = eqx.field(default=32, static=True)
     lattice_bits: int = eqx.field(default=0, static=True)
     guard_bits: int = eqx.field(default=6, static=True)
+    refine: bool = eqx.field(default=True, static=True)
     capacity: int | None = eqx.field(default=None, static=True, repr=False)
     ratio: tuple[int, int] | None = eqx.field(default=None, static=True, repr=False)
 
@@ -191,15 +220,19 @@ class ExactState(AbstractState):
                 "[8, 52]: the resolution is 2**-fraction_bits and the range 2**(62 - "
                 "fraction_bits) / denominator."
             )
-        if not _int_in(self.lattice_bits, 0, 16):
+        if not _int_in(self.lattice_bits, -MAX_GUARD_BITS, MAX_GUARD_BITS):
             raise ValueError(
                 f"`ExactState(lattice_bits={self.lattice_bits!r})` must be an int in "
-                "[0, 16]: `fn`'s output is rounded to 2**lattice_bits ulps."
+                f"[{-MAX_GUARD_BITS}, {MAX_GUARD_BITS}]: `fn`'s output is rounded to "
+                "2**lattice_bits ulps."
             )
-        if not _int_in(self.guard_bits, 0, 8):
+        if not _int_in(self.guard_bits, 0, MAX_GUARD_BITS):
             raise ValueError(
-                f"`ExactState(guard_bits={self.guard_bits!r})` must be an int in [0, 8]."
+                f"`ExactState(guard_bits={self.guard_bits!r})` must be an int in "
+                f"[0, {MAX_GUARD_BITS}]."
             )
+        if not isinstance(self.refine, bool):
+            raise ValueError(f"`ExactState(refine={self.refine!r})` must be a bool.")
 
     # --- configuration -------------------------------------------------------------------
 
@@ -237,13 +270,33 @@ class ExactState(AbstractState):
         flags = jax.tree_util.tree_map(lambda _: False, x)
         return eqx.tree_at(lambda e: (e.words, e.shifts), flags, (True, True))
 
-    def tolerance_ulps(self) -> float:
-        """The guaranteed tolerance: reversal is exact whenever every element of a
+    def bits_in_use(self, beta: float | None = None) -> tuple[int, int]:
+        """`(lattice_bits, guard_bits)` as used at this `beta` (by default the resolved
+        one; without either, the nominal ones): with `refine`, the nominal ones refined by
+        the bits the buffer's packing would otherwise leave unused."""
+        if beta is not None:
+            return self._bits(rational_beta(beta)[1])
+        if self.ratio is not None:
+            return self._bits(self.ratio[1])
+        return self.lattice_bits, self.guard_bits
+
+    def tolerance_ulps(self, beta: float | None = None) -> float:
+        r"""The guaranteed tolerance: reversal is exact whenever every element of a
         re-evaluation of `fn` lies (strictly) within this many ulps (of `fn`'s dtype, at the
-        binade of the leaf's largest magnitude) of the forward's value."""
-        if self.guard_bits == 0:
+        binade of the leaf's largest magnitude) of the forward's value. At the given (or
+        resolved) `beta`, with `refine`, this is slightly more than the nominal
+        $(2^{m-1} - \frac12) \cdot 2^k$ (31.75 rather than 31.5 at `beta = 0.9`)."""
+        k, m = self.bits_in_use(beta)
+        if m == 0:
             return 0.0
-        return (2 ** (self.guard_bits - 1) - 0.5) * 2**self.lattice_bits
+        return (2 ** (m - 1) - 0.5) * 2.0**k
+
+    def rounding_ulps(self, beta: float | None = None) -> float:
+        """The largest rounding of `fn`'s output by the lattice, in ulps (of `fn`'s dtype, at
+        the binade of the leaf's largest magnitude): half the lattice spacing, or 0 without a
+        lattice (`fn` is then rounded to the state's grid only)."""
+        k, m = self.bits_in_use(beta)
+        return 0.0 if m == 0 else 2.0 ** (k - 1)
 
     def mismatch_advice(self, drift: float) -> str:
         m, k = self.guard_bits, self.lattice_bits
@@ -253,17 +306,27 @@ class ExactState(AbstractState):
                 "the backward pass re-evaluates `fn` to the same bits. Use the default "
                 "`ExactState()` (guard bits 6)."
             )
-        wider = dataclasses.replace(self, guard_bits=min(m + 2, 8), capacity=None, ratio=None)
+        wider = dataclasses.replace(self, guard_bits=min(m + 2, MAX_GUARD_BITS))
+        if self.ratio is None:
+            cost = f"for {wider.guard_bits - m} more buffer bits per element per evaluation"
+        else:
+            b = self.ratio[1]
+            bits = 2 * 32 / self._digits_per_word(b)
+            more = 2 * 32 / wider._digits_per_word(b) - bits
+            cost = (
+                f"for {more:.3g} more buffer bits per element per step (this one takes {bits:.3g})"
+                if more > 0
+                else f"at the same buffer size ({bits:.3g} bits per element per step)"
+            )
         return (
-            f"The backward pass re-evaluated `fn` up to {drift:.3g} lattice units (of "
-            f"2**{k} ulps) away from the forward's values, where this state "
-            f"(`guard_bits={m}, lattice_bits={k}`) tolerates {self.tolerance_ulps():g} "
-            "ulps (beyond it the measured drift saturates, so the real one may be "
-            "larger). Wide reductions in `fn` (layers of hundreds of units, evaluated "
-            "per example under `vmap`) re-associate sums differently in the backward "
-            f"program. `ExactState(guard_bits={wider.guard_bits})` tolerates "
-            f"{wider.tolerance_ulps():g} ulps for {wider.guard_bits - m} more buffer "
-            "bits per element per evaluation; or evaluate `fn` on the whole batch."
+            f"The backward pass re-evaluated `fn` up to {drift:.3g} ulps away from the "
+            f"forward's values, where this state (`guard_bits={m}, lattice_bits={k}`) "
+            f"tolerates {self.tolerance_ulps():g} ulps (beyond it the measured drift "
+            "saturates, so the real one may be larger). Wide reductions in `fn` (layers of "
+            "hundreds of units, evaluated per example under `vmap`) re-associate sums "
+            f"differently in the backward program. `ExactState(guard_bits={wider.guard_bits})`"
+            f" tolerates {wider.tolerance_ulps():g} ulps {cost}; or evaluate `fn` on the "
+            "whole batch."
         )
 
     def digits_per_word(self, beta: float) -> int:
@@ -286,17 +349,26 @@ class ExactState(AbstractState):
         a, b = self.ratio
         return a, b, b - a
 
+    def _bits(self, b: int) -> tuple[int, int]:
+        """`(k, m)` in use at denominator `b`. A digit of radix `b * 2**m` often leaves
+        bits of its uint32 word unused (at `beta = 0.8`, three digits of radix 320 fill 25
+        of 32 bits); with `refine`, `e` more guard bits that keep the same number of digits
+        per word go to a lattice `2**e` times finer: the same tolerance, the same buffer,
+        `2**e` times less rounding of `fn`."""
+        k, m = self.lattice_bits, self.guard_bits
+        if not self.refine or m == 0:
+            return k, m
+        d = _digits_per_word(b << m)
+        e = 0
+        while m + e < MAX_GUARD_BITS and _digits_per_word(b << (m + e + 1)) == d:
+            e += 1
+        return k - e, m + e
+
     def _radix(self, b: int) -> int:
-        return b << self.guard_bits
+        return b << self._bits(b)[1]
 
     def _digits_per_word(self, b: int) -> int:
-        radix = self._radix(b)
-        d = max(1, int(32 / math.log2(radix)))
-        while radix ** (d + 1) <= 2**32:
-            d += 1
-        while radix**d > 2**32:
-            d -= 1
-        return d
+        return _digits_per_word(self._radix(b))
 
     def _position(self, count: Array, b: int) -> tuple[Array, Array]:
         """Where the digit of step `count` lives: its word, and its place value there
@@ -313,11 +385,11 @@ class ExactState(AbstractState):
     def _bad(self, v: Array) -> Array:
         return (v == _BAD) | (jnp.abs(v) > self._limit())
 
-    def _lattice_exponent(self, f: Array) -> Array:
+    def _lattice_exponent(self, f: Array, b: int) -> Array:
         """`u`: the lattice spacing is `2**u`, 2**k ulps of `f`'s dtype at `max|f|`."""
-        if self.guard_bits == 0:  # no lattice: the state's own grid
+        k, m = self._bits(b)
+        if m == 0:  # no lattice: the state's own grid
             return jnp.full((), -self.fraction_bits, jnp.int32)
-        k = self.lattice_bits
         magnitude = jnp.where(jnp.isfinite(f), jnp.abs(f.astype(jnp.float32)), jnp.float32(0))
         top = jnp.max(magnitude, initial=jnp.float32(0))
         field = (jax.lax.bitcast_convert_type(top, jnp.int32) >> 23) & 0xFF
@@ -349,9 +421,9 @@ class ExactState(AbstractState):
     def update(self, x: Exact, f: Array, beta: float) -> Exact:
         del beta  # held exactly as `self.ratio`
         a, b, c = self._ratio()
-        m = self.guard_bits
+        _, m = self._bits(b)
         negative, mant, e, finite = _float_parts(f)
-        u = self._lattice_exponent(f)
+        u = self._lattice_exponent(f, b)
         lattice, _ = _to_grid(negative, mant, e, u.astype(jnp.int64))  # right shifts only
         q = lattice << (u + self.fraction_bits).astype(jnp.int64)
         limit = float(self._limit() >> 1) * 2.0**-self.fraction_bits
@@ -381,7 +453,7 @@ class ExactState(AbstractState):
     def invert(self, x: Exact, f: Array, beta: float) -> Exact:
         del beta
         a, b, c = self._ratio()
-        m = self.guard_bits
+        k, m = self._bits(b)
         g_bits = _SNAP_FRACTION_BITS if m else 0
         count = x.count - 1
         idx, place = self._position(count, b)
@@ -399,7 +471,7 @@ class ExactState(AbstractState):
         else:
             offset = coord - (guard << g_bits) + (jnp.int64(1) << (m + g_bits - 1))
             lattice = guard + ((offset >> (m + g_bits)) << m)
-        miss = jnp.abs(coord - (lattice << g_bits)).astype(jnp.float32) * 2.0**-g_bits
+        miss = jnp.abs(coord - (lattice << g_bits)).astype(jnp.float32) * 2.0 ** (k - g_bits)
         drift = jnp.maximum(x.drift, jnp.max(jnp.where(finite, miss, jnp.float32(jnp.inf))))
         q = lattice << (u + self.fraction_bits)
         bad = self._bad(x.value) | ~finite | ~fits
