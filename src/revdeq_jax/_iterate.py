@@ -55,6 +55,10 @@ def in_place_while_loop(cond, body, init, *, max_steps: int, append_only=None):
     del max_steps
     if append_only is None or not any(jtu.tree_leaves(append_only)):
         return jax.lax.while_loop(cond, body, init)
+    # Inside `shard_map`, `vmap` masks every leaf by a per-device `active`, so all of them
+    # vary over the mesh in the batched loop: make them so before `cond` and `body` are
+    # traced for it (their closure-converted jaxprs keep the varying axes they saw).
+    init = _cast_varying(init, varying_axes(init))
     # `custom_vmap` needs every batched value as an operand: closed-over tracers (the
     # parameters, `args`) become the closure-converted functions' array leaves.
     cond = eqx.filter_closure_convert(cond, init)
@@ -114,8 +118,97 @@ def _in_place_batched_loop(static, append_only, axis_size, in_batched, dynamic):
         ]
         return jtu.tree_unflatten(treedef, out)
 
+    # Masking by a per-device `active` makes even the step counter vary over the mesh.
+    init = match_varying(_body, init, dynamic)
     out = jax.lax.while_loop(lambda c: jnp.any(active_of(c)), _body, init)
     return out, jtu.tree_map(lambda _: True, out)
+
+
+def _varying(x) -> frozenset:
+    """The mesh axes over which `x` (an array, tracer or `ShapeDtypeStruct`) varies inside
+    `jax.shard_map`; empty elsewhere."""
+    t = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
+    manual = getattr(t, "manual_axis_type", None)
+    return frozenset(manual.varying) if manual is not None else frozenset()
+
+
+def _arrays(tree: PyTree) -> list:
+    return [x for x in jtu.tree_leaves(tree) if eqx.is_array(x)]
+
+
+def varying_axes(tree: PyTree) -> frozenset:
+    """The `shard_map` mesh axes over which any array leaf of `tree` varies."""
+    return frozenset().union(*map(_varying, _arrays(tree)))
+
+
+def refuse_shared_parameters(fn: PyTree, args: PyTree, axes: frozenset) -> None:
+    """Raises if, inside `jax.shard_map` (`axes` the mesh axes the solve's state varies
+    over), `fn` or `args` holds a floating array the devices share.
+
+    A backward pass that walks the solve back step by step differentiates `fn` with
+    respect to it in every step. For a shared array JAX sums that cotangent over the
+    devices (a collective) right there, inside the loop; per-device solves take different
+    numbers of steps, so the devices would wait for each other forever.
+    """
+    if not axes:
+        return
+    shared = [
+        (jtu.keystr(path), sorted(axes - _varying(x)))
+        for path, x in jtu.tree_flatten_with_path((fn, args))[0]
+        if eqx.is_inexact_array(x) and axes - _varying(x)
+    ]
+    if shared:
+        names = ", ".join(f"{p} (shared over {a})" for p, a in shared[:4])
+        more = f" and {len(shared) - 4} more" if len(shared) > 4 else ""
+        axis = sorted(axes)[0]
+        raise ValueError(
+            "A reversible backward pass inside `jax.shard_map` differentiates `fn` step by "
+            "step with respect to arrays the devices share, which would sum their "
+            "cotangents over the devices inside its loop; the devices' solves stop after "
+            "different numbers of steps, so they would deadlock. Shared: "
+            f"{names}{more} (as `(fn, args)` leaves; `fn` closure-converted, so `[0]` "
+            "lists the arrays it holds or closes over). Mark them per-device before the "
+            f"solve, e.g. `params = jax.lax.pcast(params, {axis!r}, to='varying')` inside "
+            "the `shard_map`: the gradient still comes out summed over the devices, once. "
+            "Or use `jax.shard_map(..., check_vma=False)`."
+        )
+
+
+def _cast_varying(tree: PyTree, axes: frozenset) -> PyTree:
+    """Every array leaf of `tree` marked varying over `axes` (a no-op on the data)."""
+
+    def cast(x):
+        missing = axes - _varying(x) if eqx.is_array(x) else frozenset()
+        return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
+
+    return jtu.tree_map(cast, tree)
+
+
+def match_varying(body: Callable[[PyTree], PyTree], init: PyTree, *inputs: PyTree) -> PyTree:
+    """`init`, with every leaf marked varying over the `shard_map` mesh axes its `body`
+    output varies over.
+
+    A loop carry's leaves created from constants (an exact state's buffer, Anderson's
+    history, the step counter) are the same on every device, while `body` makes them
+    depend on per-device data: inside `jax.shard_map`, `lax.while_loop` and `lax.scan`
+    need the carry's types, varying axes included, equal in and out. Casting the
+    initial values (a no-op on the data) makes them so. Outside `shard_map`, or when no
+    leaf of `inputs` or `init` varies, `init` is returned as it is, untraced.
+    """
+    if not any(_varying(x) for x in _arrays((init, inputs))):
+        return init
+    for _ in range(len(jtu.tree_leaves(init)) + 1):  # each round marks at least one leaf
+        out = jax.eval_shape(body, init)
+        missing = jtu.tree_map(lambda x, o: _varying(o) - _varying(x), init, out)
+        if not any(jtu.tree_leaves(missing, is_leaf=lambda m: isinstance(m, frozenset))):
+            return init
+        init = jtu.tree_map(
+            lambda x, m: jax.lax.pcast(x, tuple(sorted(m)), to="varying") if m else x,
+            init,
+            missing,
+            is_leaf=lambda m: isinstance(m, frozenset),
+        )
+    return init
 
 
 def unrolled_while_loop(cond, body, init, *, max_steps: int, append_only=None):
@@ -269,7 +362,7 @@ def iterate(
             n, state = carry
             return n + 1, solver.step(fn, state, args)
 
-        init = (jnp.zeros((), jnp.int32), state0)
+        init = match_varying(_body, (jnp.zeros((), jnp.int32), state0), inputs)
         append_only = (False, solver.append_only(state0))
         n, state = while_loop(_cond, _body, init, max_steps=max_steps, append_only=append_only)
         converged, diff, rel, finite = _test(state)

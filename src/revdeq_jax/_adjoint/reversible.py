@@ -13,7 +13,15 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array
 
-from .._iterate import in_place_while_loop, Inputs, LoopResult, Primal
+from .._iterate import (
+    in_place_while_loop,
+    Inputs,
+    LoopResult,
+    match_varying,
+    Primal,
+    refuse_shared_parameters,
+    varying_axes,
+)
 from .._misc import materialise, tree_add, tree_cast_like, zeros_like_inexact
 from .._solver.base import AbstractReversibleSolver, AbstractSolver, BackwardBatch, ReverseCarry
 from .base import AbstractAdjoint
@@ -164,6 +172,7 @@ def _reversible_solve_bwd(residuals, grad_out, perturbed, inputs, primal, solver
     fn, args, z0 = inputs
     value_bar = materialise(grad_out.value, z0)
     del grad_out, residuals  # the residual's cotangent is ignored: it is a statistic
+    refuse_shared_parameters(fn, args, varying_axes((y_n, z_n, value_bar)))
     with solver.scope():
         y_0, z_0, z0_bar, fn_bar, args_bar = reverse_loop(
             solver,
@@ -268,7 +277,8 @@ def _walk_back(solver, fn, args, z0, carry, num_steps, batch_axes=None):
         carry = solver.backward_step(fn, args, carry, z0, batch=batch)
         return jnp.maximum(n - 1, 0), carry
 
-    _, carry = jax.lax.while_loop(lambda c: jnp.any(c[0] > 0), _body, (num_steps, carry))
+    init = match_varying(_body, (num_steps, carry), fn, args, z0)
+    _, carry = jax.lax.while_loop(lambda c: jnp.any(c[0] > 0), _body, init)
     # y_0 = z_0 = z0, so both cotangents flow into the initial guess.
     z0_bar = tree_cast_like(tree_add(carry.z_bar, carry.y_bar), z0)
     return carry.y, carry.z, z0_bar, *carry.params_bar
